@@ -1,0 +1,76 @@
+"""ray_zerocopy: N Ray actors on a node share one copy of a PyTorch model's weights.
+
+Importing this package loads no plugin; backends are discovered on first use.
+"""
+
+from __future__ import annotations
+
+from ray_zerocopy.backend import (
+    Backend,
+    Payload,
+    dtype_from_name,
+    dtype_name,
+    quiet_readonly,
+    spec_of,
+    tensor_from_bytes,
+    tensor_to_bytes,
+    to_device,
+)
+from ray_zerocopy.errors import (
+    BackendMismatchError,
+    DeviceError,
+    DuplicateBackendError,
+    FormatVersionError,
+    InvalidModelRefError,
+    NoModelsError,
+    NotAModuleError,
+    PayloadError,
+    RayZeroCopyError,
+    UnknownBackendError,
+    UnsupportedModelError,
+)
+from ray_zerocopy.hookspecs import hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendMismatchError",
+    "DeviceError",
+    "DuplicateBackendError",
+    "FormatVersionError",
+    "InvalidModelRefError",
+    "ModelRef",
+    "NoModelsError",
+    "NotAModuleError",
+    "Payload",
+    "PayloadError",
+    "RayZeroCopyError",
+    "UnknownBackendError",
+    "UnsupportedModelError",
+    "__version__",
+    "dtype_from_name",
+    "dtype_name",
+    "hookimpl",
+    "hookspec",
+    "load_model_in_actor",
+    "load_pipeline_in_actor",
+    "prepare_model_for_actors",
+    "quiet_readonly",
+    "rewrite_pipeline",
+    "rewrite_pipeline_for_actors",
+    "spec_of",
+    "tensor_from_bytes",
+    "tensor_to_bytes",
+    "to_device",
+]
+
+# Imported last: these modules import the names above (and backends import this package).
+from ray_zerocopy.actor import (  # noqa: E402
+    ModelRef,
+    load_model_in_actor,
+    load_pipeline_in_actor,
+    prepare_model_for_actors,
+    rewrite_pipeline_for_actors,
+)
+from ray_zerocopy.invoke import rewrite_pipeline  # noqa: E402

@@ -1,0 +1,36 @@
+"""Command line: ``python -m ray_zerocopy backends`` lists transports; ``... bench`` runs the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _list_backends() -> int:
+    from ray_zerocopy.plugins import DISABLE_AUTOLOAD_ENV, backend_infos
+
+    infos = backend_infos()
+    rows = [("backend", "plugin", "distribution")] + [(i.name, i.plugin, i.distribution) for i in infos.values()]
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(f"\n{len(infos)} backend(s); set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party entry points.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m ray_zerocopy", description=__doc__)
+    parser.add_argument("command", choices=["backends", "bench"], help="what to do")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "backends":
+        if rest:
+            parser.error(f"'backends' takes no arguments, got {rest}")
+        return _list_backends()
+    from ray_zerocopy.bench import main as bench_main
+
+    return bench_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Tensor surgery: split a model into a weightless skeleton and its unique weights, and rebuild it.
+
+The skeleton is the model pickled with every parameter and buffer replaced by a
+persistent id (its canonical dotted name), so the driver never copies a weight to
+build it, and an actor's unpickle puts the shared-memory views straight into each
+module's ``_parameters`` / ``_buffers``. Tied weights (one tensor reachable under
+several names, or several tensors viewing the same bytes) are stored once and come
+back as one object, so ties stay tied.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from ray import cloudpickle
+
+from ray_zerocopy.errors import UnsupportedModelError
+
+PersistentId = tuple[str, bool]  # (canonical name, is a Parameter)
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """What the driver gets from :func:`split_model`."""
+
+    skeleton: bytes  # the pickled module with no tensor data in it
+    weights: dict[str, torch.Tensor]  # canonical name -> contiguous CPU tensor (unique storage)
+    aliases: dict[str, str]  # every other name of a tied tensor -> its canonical name
+    layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (shape, stride) of permuted tensors
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """Two tensors with the same key read the same bytes the same way: store them once."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _is_permuted_dense(t: torch.Tensor) -> bool:
+    """True if ``t`` covers exactly ``numel`` consecutive elements in some dimension order."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    """Refuse, in the driver, tensors that cannot be carried as plain bytes."""
+    plain = type(t) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+    module = name.rpartition(".")[0]
+    if not plain:
+        raise UnsupportedModelError(
+            module, f"tensor {name!r} is a {type(t).__qualname__}, not a plain tensor",
+            "materialize the model first (run a forward pass for lazy modules; remove parametrizations with "
+            "torch.nn.utils.parametrize.remove_parametrizations; dequantize quantized models)",
+        )
+    if t.is_quantized or t.is_sparse or t.layout != torch.strided:
+        raise UnsupportedModelError(
+            module, f"tensor {name!r} has layout {t.layout} / quantized={t.is_quantized}",
+            "convert it to a dense strided tensor (e.g. .dequantize() or .to_dense()) before preparing",
+        )
+    if t.device.type == "meta":
+        raise UnsupportedModelError(
+            module, f"tensor {name!r} is on the meta device and holds no data",
+            "load real weights into the model (e.g. load_state_dict(..., assign=True)) before preparing",
+        )
+
+
+def _named_tensors(model: torch.nn.Module):
+    """Every parameter and buffer (persistent or not) under every name it is reachable by."""
+    for name, t in model.named_parameters(remove_duplicate=False):
+        yield name, t, True
+    for name, t in model.named_buffers(remove_duplicate=False):
+        yield name, t, False
+
+
+def split_model(model: torch.nn.Module) -> SplitModel:
+    """Split ``model`` into skeleton bytes and unique weights, without copying CPU weights.
+
+    A permuted tensor (e.g. a transposed weight) is stored as its bytes in memory order
+    and its strides are restored at load, so matmuls round exactly as in the driver.
+    Other non-contiguous tensors are made contiguous, and GPU tensors are copied to the
+    CPU (one copy each; the object store needs contiguous host bytes anyway).
+    """
+    canonical: dict[tuple, str] = {}
+    weights: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    ids: dict[int, PersistentId] = {}
+    keep_alive = []  # ids are only unique while the objects live
+    for name, t, is_param in _named_tensors(model):
+        _check_tensor(name, t)
+        key = _view_key(t)
+        first = canonical.setdefault(key, name)
+        if first == name:
+            data = t.detach()
+            if not data.is_contiguous() and _is_permuted_dense(data):
+                layouts[name] = (tuple(data.shape), data.stride())
+                data = data.as_strided((data.numel(),), (1,), data.storage_offset())
+            weights[name] = data.cpu().contiguous()
+        elif name not in weights:
+            aliases[name] = first
+        ids[id(t)] = (first, is_param)
+        keep_alive.append(t)
+    return SplitModel(_pickle_skeleton(model, ids), weights, aliases, layouts)
+
+
+class _SkeletonPickler(cloudpickle.Pickler):
+    """cloudpickle (so classes defined in ``__main__`` work) with weights swapped for persistent ids."""
+
+    def __init__(self, file: io.BytesIO, ids: Mapping[int, PersistentId]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._ids = ids
+
+    def persistent_id(self, obj: object) -> PersistentId | None:
+        return self._ids.get(id(obj)) if isinstance(obj, torch.Tensor) else None
+
+
+def _dumps(obj: object, ids: Mapping[int, PersistentId]) -> bytes:
+    buf = io.BytesIO()
+    _SkeletonPickler(buf, ids).dump(obj)
+    return buf.getvalue()
+
+
+def _pickle_skeleton(model: torch.nn.Module, ids: Mapping[int, PersistentId]) -> bytes:
+    try:
+        return _dumps(model, ids)
+    except Exception as exc:  # name the deepest submodule that fails, not just "the model"
+        culprit = ""
+        for name, sub in reversed(list(model.named_modules())):
+            try:
+                _dumps(sub, ids)
+            except Exception:
+                culprit = name
+                break
+        raise UnsupportedModelError(
+            culprit, f"cannot be pickled ({type(exc).__name__}: {exc})",
+            "make the module picklable (no open files, locks, lambdas bound to C objects, or compiled/"
+            "scripted code); for torch.compile'd models prepare the original module (model._orig_mod)",
+        ) from exc
+
+
+class _SkeletonUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, load: Callable[[PersistentId], torch.Tensor]) -> None:
+        super().__init__(file)
+        self._load = load
+        self._cache: dict[PersistentId, torch.Tensor] = {}
+
+    def persistent_load(self, pid: PersistentId) -> torch.Tensor:
+        obj = self._cache.get(pid)
+        if obj is None:
+            obj = self._cache[pid] = self._load(pid)
+        return obj
+
+
+def rebuild_model(
+    skeleton: bytes,
+    tensors: Mapping[str, torch.Tensor],
+    layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    as_parameters: bool = True,
+) -> torch.nn.Module:
+    """Unpickle ``skeleton`` with its weights taken from ``tensors`` (no copy); eval mode, no grad.
+
+    ``layouts`` restores the strides of permuted tensors (see :func:`split_model`). With
+    ``as_parameters=False`` parameters stay plain tensors (skips the ``nn.Parameter`` wrap).
+    """
+
+    def load(pid: PersistentId) -> torch.Tensor:
+        name, is_param = pid
+        t = tensors[name]
+        if name in layouts:
+            t = t.as_strided(*layouts[name])
+        return torch.nn.Parameter(t, requires_grad=False) if is_param and as_parameters else t
+
+    with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
+        model = _SkeletonUnpickler(io.BytesIO(skeleton), load).load()
+    return model.eval()

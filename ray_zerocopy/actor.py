@@ -1,0 +1,259 @@
+"""Share one copy of a model's weights between many Ray actors (and Ray Data actor pools).
+
+The driver calls :func:`prepare_model_for_actors` once; every actor calls
+:func:`load_model_in_actor` with the result and gets the model back in milliseconds,
+its CPU weights being views into the node's shared object store.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import ray
+import torch
+
+from ray_zerocopy._tensors import rebuild_model, split_model
+from ray_zerocopy.backend import Payload
+from ray_zerocopy.errors import (
+    BackendMismatchError,
+    DeviceError,
+    FormatVersionError,
+    InvalidModelRefError,
+    NoModelsError,
+    NotAModuleError,
+)
+from ray_zerocopy.plugins import get_backend
+
+DEFAULT_BACKEND = "object_store"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model prepared for sharing: small and picklable; holding it keeps the weights alive.
+
+    Attributes:
+        skeleton: the pickled model without tensor data.
+        payload: what the backend's ``put`` returned (it holds the ObjectRefs).
+        backend: name of the backend that wrote ``payload``.
+        format_version: that backend's payload format version.
+        nbytes: bytes of unique weight data (tied tensors counted once).
+        aliases: other names of tied tensors -> the name they are stored under.
+        layouts: (shape, stride) of permuted tensors, stored flat in memory order.
+    """
+
+    skeleton: bytes = field(repr=False)
+    payload: Payload = field(repr=False)
+    backend: str
+    format_version: int
+    nbytes: int
+    aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
+    layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
+
+
+def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> ModelRef:
+    """Put a model's weights into Ray's object store once; return a small ref to pass to actors.
+
+    Call it in the driver (Ray must be initialized). The weights are written once into the
+    object store; the model itself is not copied or changed.
+
+    Args:
+        model: the model to share (any ``torch.nn.Module``; CUDA weights are stored from the CPU).
+        backend: name of the weight transport (``python -m ray_zerocopy backends`` lists them).
+
+    Returns:
+        A :class:`ModelRef`; pass it to actors (e.g. in ``fn_constructor_kwargs``).
+
+    Raises:
+        NotAModuleError: ``model`` is not an ``nn.Module``.
+        UnknownBackendError: no backend of that name is installed.
+        UnsupportedModelError: a submodule cannot be split (meta/quantized tensors, unpicklable parts).
+
+    Example:
+        >>> ref = prepare_model_for_actors(torch.nn.Linear(4, 2))  # doctest: +SKIP
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise NotAModuleError(model)
+    chosen = get_backend(backend)
+    split = split_model(model)
+    payload = chosen.put(split.weights)
+    nbytes = sum(t.nbytes for t in split.weights.values())
+    return ModelRef(split.skeleton, payload, chosen.name, chosen.format_version, nbytes, split.aliases, split.layouts)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The ``torch.device`` to load onto in this process; ``"cuda"`` means the actor's own GPU.
+
+    Raises:
+        DeviceError: the device string is malformed, or the device is not visible here.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(device, f"not a device name ({exc})") from None
+    if dev.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        if not torch.cuda.is_available():
+            raise DeviceError(device, f"no CUDA device is visible in this process (CUDA_VISIBLE_DEVICES={visible})")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= count:
+            raise DeviceError(device, f"only {count} CUDA device(s) visible (CUDA_VISIBLE_DEVICES={visible})")
+        return torch.device("cuda", index)
+    if dev.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:
+            raise DeviceError(device, f"{type(exc).__name__}: {exc}") from None
+    return dev
+
+
+def _as_model_ref(model_ref: Any) -> ModelRef:
+    if isinstance(model_ref, ray.ObjectRef):  # Ray Data passes constructor kwargs unresolved
+        model_ref = ray.get(model_ref)
+    if not isinstance(model_ref, ModelRef):
+        raise InvalidModelRefError(model_ref)
+    return model_ref
+
+
+def load_model_in_actor(
+    model_ref: ModelRef | ray.ObjectRef,
+    device: str | torch.device | None = None,
+    backend: str | None = None,
+    use_fast_load: bool = False,
+) -> torch.nn.Module:
+    """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
+
+    Args:
+        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it.
+        device: ``None``/``"cpu"`` for shared-memory views, ``"cuda"`` / ``"cuda:N"`` for a GPU of this actor.
+        backend: must be ``None`` or the backend the ref was prepared with.
+        use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).
+
+    Returns:
+        The model in eval mode, with ``requires_grad=False`` weights and ties restored.
+
+    Raises:
+        InvalidModelRefError: ``model_ref`` is not a model ref.
+        BackendMismatchError: ``backend`` disagrees with the ref's backend.
+        UnknownBackendError: the ref's backend is not installed in this process.
+        FormatVersionError: the payload was written by an incompatible backend version.
+        DeviceError: ``device`` is not visible here.
+
+    Example:
+        >>> model = load_model_in_actor(ref, device="cuda")  # doctest: +SKIP
+    """
+    ref = _as_model_ref(model_ref)
+    if backend is not None and backend != ref.backend:
+        raise BackendMismatchError(backend, ref.backend)
+    dev = resolve_device(device)
+    chosen = get_backend(ref.backend)
+    if chosen.format_version != ref.format_version:
+        raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)
+    with torch.inference_mode(False):
+        tensors = chosen.get(ref.payload, dev)
+    return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
+
+
+def _model_attr_names(pipeline: object, names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        attrs = pipeline._modules if isinstance(pipeline, torch.nn.Module) else vars(pipeline)
+        names = [k for k, v in attrs.items() if isinstance(v, torch.nn.Module)]
+    else:
+        for name in names:
+            value = getattr(pipeline, name, None)
+            if not isinstance(value, torch.nn.Module):
+                raise NotAModuleError(value, where=f"pipeline attribute {name!r}")
+    if not names:
+        raise NoModelsError(pipeline)
+    return list(names)
+
+
+def _shallow_copy(obj: Any) -> Any:
+    out = copy.copy(obj)
+    if isinstance(out, torch.nn.Module):  # copy.copy shares _modules: never touch the caller's object
+        out._modules = dict(out._modules)
+    return out
+
+
+def _set_attr(obj: Any, name: str, value: Any) -> None:
+    """setattr that also lets a Module-pipeline hold a non-Module (None, a shim) where a model was."""
+    if isinstance(obj, torch.nn.Module) and name in obj._modules:
+        del obj._modules[name]
+        object.__setattr__(obj, name, value)
+    else:
+        setattr(obj, name, value)
+
+
+def rewrite_pipeline_for_actors(
+    pipeline: Any, model_attr_names: Sequence[str] | None = None, backend: str = DEFAULT_BACKEND
+) -> tuple[Any, dict[str, ModelRef]]:
+    """Prepare every model held as an attribute of ``pipeline`` (several models in one object).
+
+    Args:
+        pipeline: any object whose attributes include ``nn.Module`` instances.
+        model_attr_names: which attributes are models; default: every ``nn.Module`` attribute.
+        backend: weight transport for all the models.
+
+    Returns:
+        ``(skeleton, model_refs)``: a shallow copy of the pipeline with those attributes set to
+        ``None``, and ``{attribute name: ModelRef}``. A model held under two names is stored once.
+
+    Raises:
+        NoModelsError: the pipeline holds no model.
+        NotAModuleError: a named attribute is not a model.
+
+    Example:
+        >>> skeleton, refs = rewrite_pipeline_for_actors(pipe)  # doctest: +SKIP
+        >>> pipe = load_pipeline_in_actor(skeleton, refs, device="cuda")  # doctest: +SKIP
+    """
+    names = _model_attr_names(pipeline, model_attr_names)
+    by_id: dict[int, ModelRef] = {}
+    refs = {}
+    for name in names:
+        model = getattr(pipeline, name)
+        if id(model) not in by_id:
+            by_id[id(model)] = prepare_model_for_actors(model, backend=backend)
+        refs[name] = by_id[id(model)]
+    skeleton = _shallow_copy(pipeline)
+    for name in names:
+        _set_attr(skeleton, name, None)
+    return skeleton, refs
+
+
+def load_pipeline_in_actor(
+    skeleton: Any,
+    model_refs: Mapping[str, ModelRef] | ray.ObjectRef,
+    device: str | torch.device | None = None,
+    backend: str | None = None,
+    use_fast_load: bool = False,
+) -> Any:
+    """Rebuild a pipeline from :func:`rewrite_pipeline_for_actors` inside an actor.
+
+    Args:
+        skeleton: the pipeline skeleton (or an ObjectRef to it).
+        model_refs: ``{attribute name: ModelRef}`` (or an ObjectRef to it).
+        device, backend, use_fast_load: as for :func:`load_model_in_actor`.
+
+    Returns:
+        A shallow copy of the skeleton with every model loaded (shared models loaded once).
+
+    Example:
+        >>> pipe = load_pipeline_in_actor(skeleton, refs)  # doctest: +SKIP
+    """
+    if isinstance(skeleton, ray.ObjectRef):
+        skeleton = ray.get(skeleton)
+    if isinstance(model_refs, ray.ObjectRef):
+        model_refs = ray.get(model_refs)
+    pipeline = _shallow_copy(skeleton)
+    loaded: dict[int, torch.nn.Module] = {}
+    for name, ref in model_refs.items():
+        ref = _as_model_ref(ref)
+        if id(ref) not in loaded:
+            loaded[id(ref)] = load_model_in_actor(ref, device=device, backend=backend, use_fast_load=use_fast_load)
+        _set_attr(pipeline, name, loaded[id(ref)])
+    return pipeline

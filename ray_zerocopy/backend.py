@@ -1,0 +1,104 @@
+"""The transport interface and the small byte-level helpers every transport shares.
+
+A backend moves the bytes of a model's unique weights from the driver into Ray's
+object store (``put``) and back out inside an actor (``get``). It knows nothing of
+modules, tied names or skeletons: those travel in the ModelRef, outside the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, ClassVar, Iterator, Mapping
+
+import numpy as np
+import torch
+
+Payload = Any  # whatever a backend's put() returns: small, picklable, holds the ObjectRefs
+
+
+class Backend:
+    """Base class of a weight transport.
+
+    Subclasses set ``name`` (stable, lowercase) and implement ``put`` and ``get``.
+    ``zero_copy`` says whether ``get(payload, cpu)`` returns views into shared memory;
+    the conformance kit (``ray_zerocopy.testing``) checks the claim.
+
+    Example::
+
+        class PerTensor(Backend):
+            name = "per_tensor"
+
+            def put(self, weights):
+                return {k: (ray.put(tensor_to_bytes(t)), spec_of(t)) for k, t in weights.items()}
+
+            def get(self, payload, device):
+                out = {k: tensor_from_bytes(ray.get(ref), *spec) for k, (ref, spec) in payload.items()}
+                return to_device(out, device)
+    """
+
+    name: ClassVar[str]
+    format_version: ClassVar[int] = 1
+    zero_copy: ClassVar[bool] = True
+
+    def put(self, weights: Mapping[str, torch.Tensor]) -> Payload:
+        """Driver side: store unique, contiguous CPU tensors; return a small picklable payload."""
+        raise NotImplementedError
+
+    def get(self, payload: Payload, device: torch.device) -> dict[str, torch.Tensor]:
+        """Actor side: tensors by name, CPU views into shared memory or copies on ``device``."""
+        raise NotImplementedError
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (stable across torch versions, unlike numpy dtypes)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`; raises ``ValueError`` for names torch does not know."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def spec_of(tensor: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    """The (dtype name, shape) pair a backend needs to rebuild a tensor from raw bytes."""
+    return dtype_name(tensor.dtype), tuple(tensor.shape)
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A uint8 numpy view of a contiguous CPU tensor's bytes (no copy; works for bfloat16 and fp8)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("tensor_to_bytes needs a contiguous CPU tensor")
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_from_bytes(buf: Any, dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor view of ``dtype`` and ``shape`` over a uint8 buffer (numpy array or memoryview). No copy.
+
+    Call it inside :func:`quiet_readonly` when ``buf`` is read-only (it is, in Ray's object store).
+    """
+    if isinstance(dtype, str):
+        dtype = dtype_from_name(dtype)
+    if len(buf) == 0:  # an empty tensor has no bytes to share (and numpy gives it stride 0)
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else torch.frombuffer(buf, dtype=torch.uint8)
+    return raw.view(dtype).view(shape)
+
+
+@contextlib.contextmanager
+def quiet_readonly() -> Iterator[None]:
+    """Silence torch's "not writable" warning, and only that one: zero-copy views of the object store
+    are read-only by design (ray_zerocopy guards in-place writes itself)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The given (NumPy array|buffer) is not writable")
+        yield
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy tensors to ``device`` one by one (the generic path; fast backends override it)."""
+    if device.type == "cpu":
+        return tensors
+    return {k: t.to(device) for k, t in tensors.items()}

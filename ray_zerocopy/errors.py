@@ -1,0 +1,123 @@
+"""Typed errors. Each names the bad value, what was expected, and the fix.
+
+Every error subclasses the builtin exception that fits, so ``except ValueError``
+still works for callers that do not know this library.
+"""
+
+from __future__ import annotations
+
+
+class RayZeroCopyError(Exception):
+    """Base class of every error raised by ray_zerocopy."""
+
+
+class NotAModuleError(RayZeroCopyError, TypeError):
+    """Something that is not a ``torch.nn.Module`` was given where a model was expected."""
+
+    def __init__(self, value: object, where: str = "model") -> None:
+        self.value = value
+        super().__init__(
+            f"{where} must be a torch.nn.Module, got {type(value).__module__}.{type(value).__qualname__}. "
+            "Fix: pass the nn.Module itself (not its state_dict, a path, or an ObjectRef)."
+        )
+
+
+class NoModelsError(RayZeroCopyError, ValueError):
+    """A pipeline holds no ``torch.nn.Module`` attribute to share."""
+
+    def __init__(self, pipeline: object, names: object = None) -> None:
+        self.pipeline = pipeline
+        self.names = names
+        what = f"none of the attributes {names!r} is" if names else "no attribute is"
+        super().__init__(
+            f"pipeline {type(pipeline).__qualname__}: {what} a torch.nn.Module. Fix: store the models as "
+            "attributes of the pipeline object, or name them with model_attr_names=[...]."
+        )
+
+
+class UnknownBackendError(RayZeroCopyError, ValueError):
+    """No transport of this name is registered in this process."""
+
+    def __init__(self, name: object, available: list[str]) -> None:
+        self.name = name
+        self.available = available
+        super().__init__(
+            f"unknown ray_zerocopy backend {name!r}; registered here: {', '.join(sorted(available)) or 'none'}. "
+            "Fix: use one of those names, or install the package that provides this backend; a third-party "
+            "backend must be installed in the driver and on every node where actors run."
+        )
+
+
+class DuplicateBackendError(RayZeroCopyError, ValueError):
+    """Two plugins registered a backend under the same name."""
+
+    def __init__(self, name: str, first: str, second: str) -> None:
+        self.name, self.first, self.second = name, first, second
+        super().__init__(
+            f"backend name {name!r} is registered by two plugins: {first!r} and {second!r}. "
+            "Fix: uninstall one of them, or set RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD=1 and register the one you want."
+        )
+
+
+class BackendMismatchError(RayZeroCopyError, ValueError):
+    """``backend=`` given at load time disagrees with the backend the weights were stored with."""
+
+    def __init__(self, requested: str, recorded: str) -> None:
+        self.requested, self.recorded = requested, recorded
+        super().__init__(
+            f"backend={requested!r} was requested, but this model ref was prepared with backend {recorded!r}. "
+            f"Fix: pass backend=None (uses {recorded!r}) or prepare the model again with backend={requested!r}."
+        )
+
+
+class FormatVersionError(RayZeroCopyError, ValueError):
+    """The payload was written by a backend version this process cannot read."""
+
+    def __init__(self, backend: str, recorded: int, supported: int) -> None:
+        self.backend, self.recorded, self.supported = backend, recorded, supported
+        super().__init__(
+            f"backend {backend!r} payload has format version {recorded}, this process reads version {supported}. "
+            "Fix: install the same ray_zerocopy (and backend plugin) version in the driver and the actors."
+        )
+
+
+class InvalidModelRefError(RayZeroCopyError, TypeError):
+    """``load_*`` was given something that is not a model ref."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        super().__init__(
+            f"expected a ModelRef from prepare_model_for_actors() (or an ObjectRef to one), got "
+            f"{type(value).__qualname__}. Fix: pass the value prepare_model_for_actors() returned."
+        )
+
+
+class DeviceError(RayZeroCopyError, ValueError):
+    """The requested device does not exist (or is not visible) in this process."""
+
+    def __init__(self, device: object, reason: str) -> None:
+        self.device, self.reason = device, reason
+        super().__init__(
+            f"device {device!r} is not usable here: {reason}. Fix: ask Ray for the device (e.g. "
+            "num_gpus=1 on the actor or in map_batches) and pass device='cuda', or load with device='cpu'."
+        )
+
+
+class UnsupportedModelError(RayZeroCopyError, TypeError):
+    """The model (or one of its submodules) cannot be split into skeleton and weights."""
+
+    def __init__(self, submodule: str, problem: str, fix: str) -> None:
+        self.submodule, self.problem, self.fix = submodule, problem, fix
+        super().__init__(f"submodule {submodule or '<root>'!r}: {problem}. Fix: {fix}")
+
+
+class PayloadError(RayZeroCopyError, ValueError):
+    """A backend payload is malformed (bad header, offsets out of range, unknown dtype, ...)."""
+
+    def __init__(self, tensor: str | None, problem: str) -> None:
+        self.tensor, self.problem = tensor, problem
+        where = f"tensor {tensor!r}" if tensor is not None else "payload"
+        super().__init__(
+            f"{where}: {problem}. Fix: prepare the model again; the stored weights are damaged or were "
+            "written by an incompatible writer."
+        )

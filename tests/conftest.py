@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray for the session, and every registered backend as a parameter.
+
+The fake test transport (tests/fake_backend_plugin) is pip-installed into a temporary
+folder at session start: a real distribution with a real ``ray_zerocopy`` entry point,
+visible to the driver (sys.path) and to every Ray worker (PYTHONPATH, inherited).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+
+HERE = Path(__file__).parent
+FAKE_BACKEND = "fake_per_tensor"
+RAY_INIT = dict(num_cpus=8, object_store_memory=1536 * 1024**2, include_dashboard=False, log_to_driver=False)
+
+
+def _install_fake_backend() -> str:
+    target = tempfile.mkdtemp(prefix="rzc-fake-backend-")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "--target", target, str(HERE / "fake_backend_plugin")],
+        check=True,
+    )
+    return target
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"):
+        raise pytest.UsageError("the test suite needs entry-point autoload: unset RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD")
+    if not hasattr(config, "workerinput"):
+        target = _install_fake_backend()
+        sys.path.insert(0, target)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH")) if p)
+        config._rzc_fake_backend = target
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        from ray_zerocopy.plugins import backend_names
+
+        names = backend_names()
+        assert FAKE_BACKEND in names, f"the fake test backend did not register: {names}"
+        metafunc.parametrize("backend", names)
+
+
+def start_local_ray() -> None:
+    """The suite's standard local Ray (idempotent). Tests that need their own cluster shut it down
+    first and call this again when they are done."""
+    if not ray.is_initialized():
+        ray.init(**RAY_INIT)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """The session's local Ray, restarted if a multi-node test replaced it."""
+    start_local_ray()
+    yield
