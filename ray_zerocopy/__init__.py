@@ -8,6 +8,7 @@ from __future__ import annotations
 from ray_zerocopy.backend import (
     Backend,
     Payload,
+    buffer_to_device,
     dtype_from_name,
     dtype_name,
     quiet_readonly,
@@ -49,6 +50,7 @@ __all__ = [
     "UnknownBackendError",
     "UnsupportedModelError",
     "__version__",
+    "buffer_to_device",
     "dtype_from_name",
     "dtype_name",
     "hookimpl",

@@ -102,3 +102,14 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
     if device.type == "cpu":
         return tensors
     return {k: t.to(device) for k, t in tensors.items()}
+
+
+def buffer_to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy one contiguous 1-D uint8 CPU buffer to ``device`` in as few large copies as possible.
+
+    Backends that keep all weights in one buffer (``packed``, ``safetensors``) call this and
+    then slice device views out of the result, instead of copying tensor by tensor.
+    """
+    if device.type == "cpu":
+        return buf
+    return buf.to(device)
