@@ -37,7 +37,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):
         target = _install_fake_backend()
         sys.path.insert(0, target)
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH")) if p)
+        # workers import the fake backend, and test modules whose classes Ray pickles by reference
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, str(HERE), os.environ.get("PYTHONPATH")) if p)
         config._rzc_fake_backend = target
 
 
