@@ -1,0 +1,196 @@
+"""The ``safetensors`` transport: all weights as one safetensors-format blob in the object store.
+
+The blob is byte-for-byte what ``safetensors.torch.save`` writes for the same tensors, so
+any safetensors reader can read it; it travels as one uint8 numpy array (out of band,
+zero-copy). The driver writes it directly into one buffer (``safetensors.torch.save``
+would hold two more full copies). The actor parses and validates the header itself and
+slices views out of the shared buffer; for a GPU the whole blob is copied in one go.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from ray_zerocopy import (
+    Backend,
+    PayloadError,
+    UnsupportedModelError,
+    buffer_to_device,
+    hookimpl,
+    quiet_readonly,
+    tensor_to_bytes,
+)
+
+# safetensors dtype names that torch shares, in the order of the format's Dtype enum: writers
+# sort tensors by this rank (widest first), then by name, which keeps every offset aligned.
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "C64": torch.complex64, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+}
+_NAME_OF = {dtype: name for name, dtype in DTYPES.items()}
+_RANK = {name: rank for rank, name in enumerate(DTYPES)}
+MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+Entry = tuple[str, torch.dtype, tuple[int, ...], int, int]  # name, dtype, shape, begin, end (data offsets)
+
+
+@dataclass(frozen=True)
+class SafetensorsPayload:
+    ref: ray.ObjectRef  # -> np.ndarray(uint8), the whole safetensors blob
+    nbytes: int
+
+
+def _header(weights: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor, int]]]:
+    """The padded JSON header exactly as safetensors writes it, and (name, tensor, data offset) in order."""
+    for name, t in weights.items():
+        if t.dtype not in _NAME_OF:
+            raise UnsupportedModelError(
+                name.rpartition(".")[0], f"tensor {name!r} has dtype {t.dtype}, which the safetensors format lacks",
+                "use backend='packed' or 'object_store', or convert the tensor to a dtype safetensors knows",
+            )
+    order = sorted(weights, key=lambda k: (-_RANK[_NAME_OF[weights[k].dtype]], k))
+    parts, placed, offset = [], [], 0
+    for name in order:
+        t = weights[name]
+        shape = ",".join(str(d) for d in t.shape)
+        entry = f'"dtype":"{_NAME_OF[t.dtype]}","shape":[{shape}],"data_offsets":[{offset},{offset + t.nbytes}]'
+        parts.append(f"{json.dumps(name, ensure_ascii=False)}:{{{entry}}}")  # same escapes as serde_json
+        placed.append((name, t, offset))
+        offset += t.nbytes
+    header = ("{" + ",".join(parts) + "}").encode()
+    return header + b" " * (-len(header) % 8), placed  # padded so the data section is 8-byte aligned
+
+
+def write_blob(weights: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """The safetensors serialization of ``weights`` in one new uint8 array (one copy of the data)."""
+    header, placed = _header(weights)
+    start = 8 + len(header)
+    blob = np.empty(start + sum(t.nbytes for _, t, _ in placed), dtype=np.uint8)
+    blob[:8] = np.frombuffer(len(header).to_bytes(8, "little"), dtype=np.uint8)
+    blob[8:start] = np.frombuffer(header, dtype=np.uint8)
+    out = torch.from_numpy(blob)
+    for _, t, offset in placed:
+        if t.nbytes:  # torch's copy is multi-threaded for large tensors, numpy's is not
+            out[start + offset : start + offset + t.nbytes].copy_(torch.from_numpy(tensor_to_bytes(t)))
+    return blob
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise PayloadError(dup, "appears twice in the header")
+    return out
+
+
+def _numel(shape: list[int], limit: int) -> int:
+    """Element count, stopping once past ``limit`` (a hostile shape must not cost a huge product)."""
+    if 0 in shape:
+        return 0
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > limit:
+            return limit + 1
+    return numel
+
+
+def _entry(name: str, info: Any, data_start: int, data_len: int) -> Entry:
+    """One header entry, checked: known dtype, sane shape, offsets in range, size = shape x dtype size."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise PayloadError(name, f"header entry must be an object with dtype, shape, data_offsets; got {info!r:.200}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise PayloadError(name, f"unknown dtype {dtype!r:.50}; known: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise PayloadError(name, f"shape must be a list of non-negative integers, got {shape!r:.200}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise PayloadError(name, f"data_offsets must be [begin, end] integers, got {offsets!r:.200}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise PayloadError(name, f"data_offsets [{begin}, {end}] lie outside the data section of {data_len} bytes")
+    itemsize = DTYPES[dtype].itemsize
+    numel = _numel(shape, data_len)
+    if numel * itemsize != end - begin:
+        raise PayloadError(name, f"holds {end - begin} bytes but shape {shape} of {dtype} needs {numel * itemsize}")
+    if end > begin and (data_start + begin) % itemsize:
+        raise PayloadError(name, f"offset {data_start + begin} is not aligned to {itemsize} bytes ({dtype}); "
+                           "the writer did not pad the header to 8 bytes")
+    return name, DTYPES[dtype], tuple(shape), begin, end
+
+
+def parse_blob(blob: np.ndarray) -> tuple[int, list[Entry]]:
+    """Validate a safetensors blob completely and return (data start, entries) without making any view.
+
+    Raises:
+        PayloadError: the header length, JSON, any entry, or the layout (overlaps, holes) is wrong.
+    """
+    size = len(blob)
+    if size < 8:
+        raise PayloadError(None, f"blob of {size} bytes is shorter than the 8-byte header length")
+    n = int.from_bytes(blob[:8].tobytes(), "little")
+    if n < 2 or n > MAX_HEADER or 8 + n > size:
+        raise PayloadError(None, f"header length {n} is impossible for a blob of {size} bytes (limit {MAX_HEADER})")
+    try:
+        header = json.loads(blob[8 : 8 + n].tobytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, PayloadError):
+            raise
+        raise PayloadError(None, f"header is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc):.200})") from None
+    if not isinstance(header, dict):
+        raise PayloadError(None, f"header must be a JSON object, got {type(header).__name__}")
+    header.pop("__metadata__", None)  # free-form text written by other tools; carries no layout
+    data_start, data_len = 8 + n, size - 8 - n
+    entries = sorted((_entry(k, v, data_start, data_len) for k, v in header.items()), key=lambda e: e[3:])
+    expected = 0
+    for name, _, _, begin, end in entries:
+        if begin != expected:
+            problem = "overlaps the tensor before it" if begin < expected else "leaves a hole before it"
+            raise PayloadError(name, f"data_offsets [{begin}, {end}] {problem} (expected to begin at {expected})")
+        expected = end
+    if expected != data_len:
+        raise PayloadError(None, f"tensors cover {expected} bytes but the data section holds {data_len}")
+    return data_start, entries
+
+
+def views(base: torch.Tensor, data_start: int, entries: list[Entry]) -> dict[str, torch.Tensor]:
+    """Tensors sliced out of ``base`` (the whole blob as a 1-D uint8 tensor, on any device)."""
+    out = {}
+    for name, dtype, shape, begin, end in entries:
+        if begin == end:  # no bytes to share; an empty slice may not be aligned for its dtype
+            out[name] = torch.empty(shape, dtype=dtype, device=base.device)
+        else:
+            out[name] = base[data_start + begin : data_start + end].view(dtype).view(shape)
+    return out
+
+
+class SafetensorsBackend(Backend):
+    name = "safetensors"
+
+    def put(self, weights: Mapping[str, torch.Tensor]) -> SafetensorsPayload:
+        blob = write_blob(weights)
+        return SafetensorsPayload(ray.put(blob), len(blob))
+
+    def get(self, payload: SafetensorsPayload, device: torch.device) -> dict[str, torch.Tensor]:
+        if not isinstance(payload, SafetensorsPayload):
+            raise PayloadError(None, f"expected a SafetensorsPayload, got {type(payload).__qualname__}")
+        blob = ray.get(payload.ref)
+        if not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 1 or len(blob) != payload.nbytes:
+            raise PayloadError(None, f"stored object is not the {payload.nbytes}-byte uint8 blob that was put")
+        data_start, entries = parse_blob(blob)
+        with quiet_readonly():
+            base = torch.from_numpy(blob)
+        return views(buffer_to_device(base, device), data_start, entries)
+
+
+@hookimpl
+def register_backends(register):
+    register(SafetensorsBackend)
