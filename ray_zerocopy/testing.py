@@ -133,3 +133,245 @@ def tensors_outside_shared_memory(model: nn.Module, marker: str = "plasma") -> l
         if not any(a <= lo and hi <= b for a, b, _ in maps):
             outside.append(name)
     return outside
+
+
+# ---------------------------------------------------------------- conformance kit
+
+import contextlib  # noqa: E402  (the kit is appended as one block)
+
+KIT_MODELS = ("hard_cases", "bert", "gpt2")
+# Payloads no backend can read: each must make get() raise (not return, crash or hang).
+GENERIC_BAD_PAYLOADS: tuple[object, ...] = (None, "not a payload", 42, {"weights": b"\0" * 8}, ())
+_KIT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+               torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dtype_zoo(seed: int = 0) -> dict[str, torch.Tensor]:
+    """One tensor per dtype every transport must carry, with random bit patterns (NaNs included)
+    and odd element counts (a careless layout then misaligns the next tensor), plus a 2-D tensor,
+    a scalar and an empty tensor. Deterministic for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, dtype in enumerate(_KIT_DTYPES):
+        n = 2 * i + 3
+        if dtype == torch.bool:
+            out["bool"] = torch.randint(0, 2, (n,), generator=g).bool()
+        else:
+            out[str(dtype).removeprefix("torch.")] = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8,
+                                                                   generator=g).view(dtype)
+    out["matrix"] = torch.randn(3, 5, generator=g)
+    out["scalar"] = torch.tensor(1.5, dtype=torch.float64)
+    out["empty"] = torch.empty(0, 7)
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (NaNs and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _all_named(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+
+
+def _ties(named: dict[str, torch.Tensor]) -> set[frozenset[str]]:
+    groups: dict[int, set[str]] = {}
+    for name, t in named.items():
+        groups.setdefault(id(t), set()).add(name)
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+@contextlib.contextmanager
+def _registered(plugin: object | None) -> Iterator[None]:
+    """Register ``plugin`` in this process while the block runs (for a backend not installed)."""
+    from ray_zerocopy import plugins
+
+    if plugin is None or plugins.plugin_manager().is_registered(plugin):
+        yield
+        return
+    name = f"ray_zerocopy.testing.check_backend:{id(plugin)}"
+    plugins.register_plugin(plugin, name=name)
+    try:
+        yield
+    finally:  # plugins.py has no unregister: undo by hand so the kit leaves the registry as it found it
+        plugins.plugin_manager().unregister(name=name)
+        with plugins._lock:
+            plugins._backends = None
+            plugins._instances.clear()
+
+
+def _marker(backend: object) -> str:
+    """Substring of the /proc/self/maps path that zero-copy views must lie in (a backend may override)."""
+    return getattr(type(backend), "shared_memory_marker", "plasma")
+
+
+def _merged_mappings(marker: str) -> list[tuple[int, int]]:
+    """Shared mappings of ``marker``, adjacent ones of one file merged: ``mprotect`` of part of a
+    mapping (the in-place write guard does it) splits it into several lines of /proc/self/maps."""
+    merged: list[tuple[int, int, str]] = []
+    for lo, hi, path in sorted(_shared_mappings(marker)):
+        if merged and merged[-1][1] == lo and merged[-1][2] == path:
+            merged[-1] = (merged[-1][0], hi, path)
+        else:
+            merged.append((lo, hi, path))
+    return [(lo, hi) for lo, hi, _ in merged]
+
+
+def _outside(tensors: dict[str, torch.Tensor], marker: str) -> list[str]:
+    """Names of non-empty CPU tensors whose bytes are not inside one shared mapping of ``marker``."""
+    maps = _merged_mappings(marker)
+    return [k for k, t in tensors.items() if t.nbytes and t.device.type == "cpu"
+            and not any(a <= t.data_ptr() and t.data_ptr() + t.nbytes <= b for a, b in maps)]
+
+
+def _check_tensors(name: str, payload: object, device: str) -> list[str]:
+    from ray_zerocopy.plugins import get_backend
+
+    backend, expected = get_backend(name), dtype_zoo()
+    with torch.inference_mode(False):
+        got = backend.get(payload, torch.device(device))
+    if set(got) != set(expected):
+        return [f"get() returned names {sorted(got)}, expected {sorted(expected)}"]
+    problems = [f"tensor {k!r} ({t.dtype}, {tuple(t.shape)}) came back as {got[k].dtype}, "
+                f"{tuple(got[k].shape)} on {got[k].device} with other bytes"
+                for k, t in expected.items() if not _same(got[k], t) or got[k].device.type != device.split(":")[0]]
+    if device == "cpu" and backend.zero_copy and (outside := _outside(got, _marker(backend))):
+        problems.append(f"zero_copy=True, but {outside} are not views of shared memory ({_marker(backend)!r})")
+    return problems
+
+
+def _check_model(name: str, model_name: str, ref: object, device: str) -> list[str]:
+    from ray_zerocopy.actor import load_model_in_actor
+    from ray_zerocopy.plugins import get_backend
+
+    original, ids = zoo_model(model_name), zoo_input()
+    loaded = load_model_in_actor(ref, device=device)
+    with torch.no_grad():  # both evaluated here: same threads, same rounding
+        expected, got = original(ids), loaded(ids.to(device)).cpu()
+    problems = [] if _same(got, expected) else ["output differs from the original model's (not bit-for-bit)"]
+    want, have = _all_named(original), _all_named(loaded)
+    if set(want) != set(have):
+        problems.append(f"tensor names differ: missing {sorted(set(want) - set(have))}, extra {sorted(set(have) - set(want))}")
+    problems += [f"tensor {k!r} differs (dtype, shape, strides or bytes)" for k in sorted(set(want) & set(have))
+                 if not _same(want[k], have[k]) or (device == "cpu" and want[k].stride() != have[k].stride())]
+    if _ties(want) != _ties(have):
+        problems.append(f"tied weights not restored as one object: expected {_ties(want)}, got {_ties(have)}")
+    if loaded.training or any(p.requires_grad for p in loaded.parameters()):
+        problems.append("loaded model is in train mode or has requires_grad=True parameters")
+    backend = get_backend(name)
+    if device == "cpu" and backend.zero_copy and (outside := _outside(dict(unique_tensors(loaded)), _marker(backend))):
+        problems.append(f"zero_copy=True, but {outside} are not views of shared memory ({_marker(backend)!r})")
+    return [f"{model_name}: {p}" for p in problems]
+
+
+def _check_bad(name: str, payload: object) -> list[str]:
+    from ray_zerocopy.plugins import get_backend
+
+    try:
+        out = get_backend(name).get(payload, torch.device("cpu"))
+    except Exception:  # any typed error is fine; crashes and hangs are caught by the caller
+        return []
+    return [f"get() returned a {type(out).__name__} instead of raising"]
+
+
+def _kit_task(check: str, name: str, plugin: object | None, args: tuple, device: str) -> list[str]:
+    with _registered(plugin):
+        if check == "tensors":
+            return _check_tensors(name, args[0], device)
+        if check == "model":
+            return _check_model(name, *args, device)
+        return _check_bad(name, args[0])
+
+
+def check_backend(
+    name: str,
+    *,
+    plugin: object | None = None,
+    models: tuple[str, ...] = KIT_MODELS,
+    device: str = "cpu",
+    bad_payloads: Callable[[object], list[object]] | None = None,
+    timeout_s: float = 300.0,
+) -> list[str]:
+    """Conformance check of the transport ``name``, run in Ray tasks of the running Ray.
+
+    Checks: every dtype round-trips bit for bit; each zoo model loads in a task with outputs
+    equal bit for bit to the original evaluated in the same worker, every tensor equal, ties
+    kept as one object, eval mode, no grad; on the CPU, if the backend claims ``zero_copy``,
+    every tensor is a view of shared memory (Ray's object store, or mappings whose path contains
+    the backend class's ``shared_memory_marker``); bad payloads make ``get`` raise, never return,
+    crash the worker or hang.
+
+    Args:
+        name: the registered backend name.
+        plugin: an object with a ``register_backends`` hookimpl, registered in the driver and in
+            each task while the check runs (to check a backend that is not installed).
+        models: zoo models to round-trip (see :data:`ZOO`).
+        device: ``"cpu"``, or ``"cuda"`` to load on a GPU (tasks then ask Ray for one).
+        bad_payloads: given a valid payload (of :func:`dtype_zoo`), returns corrupted payloads that
+            ``get`` must reject; the generic ones (:data:`GENERIC_BAD_PAYLOADS`) always run.
+        timeout_s: for the whole check; a task still running then counts as hung.
+
+    Returns:
+        The names of the checks that passed.
+
+    Raises:
+        AssertionError: one line per failed check.
+        RuntimeError: Ray is not initialized.
+
+    Example:
+        >>> ray.init(); check_backend("my_backend")  # doctest: +SKIP
+    """
+    import ray
+
+    from ray_zerocopy.actor import prepare_model_for_actors
+    from ray_zerocopy.errors import UnknownBackendError
+    from ray_zerocopy.plugins import get_backend
+
+    if not ray.is_initialized():
+        raise RuntimeError("check_backend runs inside a running Ray: call ray.init() first")
+    task = ray.remote(_kit_task).options(num_cpus=1, num_gpus=0 if device == "cpu" else 1, max_retries=0)
+    with _registered(plugin):
+        try:
+            backend = get_backend(name)
+        except UnknownBackendError as exc:
+            raise AssertionError(str(exc)) from None
+        payload = backend.put(dtype_zoo())
+        jobs = [("dtype round trip", task.remote("tensors", name, plugin, (payload,), device))]
+        for model_name in models:
+            ref = prepare_model_for_actors(zoo_model(model_name), backend=name)
+            jobs.append((f"model {model_name}", task.remote("model", name, plugin, (model_name, ref), device)))
+        for bad in [*GENERIC_BAD_PAYLOADS, *(bad_payloads(payload) if bad_payloads else [])]:
+            jobs.append((f"bad payload {bad!r:.80}", task.remote("bad", name, plugin, (bad,), "cpu")))
+        problems, passed = _collect(jobs, timeout_s)
+    if backend.name != name or not isinstance(backend.zero_copy, bool) or type(backend.format_version) is not int:
+        problems.insert(0, f"class attributes: name={backend.name!r} (registered as {name!r}), zero_copy="
+                        f"{backend.zero_copy!r} (must be bool), format_version={backend.format_version!r} (int)")
+    if problems:
+        raise AssertionError(f"backend {name!r} failed {len(problems)} conformance check(s):\n- " + "\n- ".join(problems))
+    return passed
+
+
+def _collect(jobs: list[tuple[str, object]], timeout_s: float) -> tuple[list[str], list[str]]:
+    """Wait for every check task; a timeout, a dead worker or an error in the task is a failure."""
+    import time
+
+    import ray
+
+    deadline, problems, passed = time.monotonic() + timeout_s, [], []
+    for label, ref in jobs:
+        try:
+            found = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            found = [f"did not finish within {timeout_s:.0f} s (a hang?)"]
+        except ray.exceptions.WorkerCrashedError:
+            found = ["crashed the worker process"]
+        except ray.exceptions.RayTaskError as exc:
+            found = [f"raised {type(exc.cause).__name__}: {str(exc.cause)[:300]}"]
+        problems += [f"{label}: {p}" for p in found]
+        passed += [] if found else [label]
+    return problems, passed
