@@ -22,7 +22,9 @@ class Backend:
 
     Subclasses set ``name`` (stable, lowercase) and implement ``put`` and ``get``.
     ``zero_copy`` says whether ``get(payload, cpu)`` returns views into shared memory;
-    the conformance kit (``ray_zerocopy.testing``) checks the claim.
+    the conformance kit (``ray_zerocopy.testing``) checks the claim. ``shared_memory_marker``
+    is a substring of the ``/proc/self/maps`` path of that memory (Ray's object store by
+    default; a backend that maps a file of its own names it, e.g. ``".safetensors"``).
 
     Example::
 
@@ -40,6 +42,7 @@ class Backend:
     name: ClassVar[str]
     format_version: ClassVar[int] = 1
     zero_copy: ClassVar[bool] = True
+    shared_memory_marker: ClassVar[str] = "plasma"
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> Payload:
         """Driver side: store unique, contiguous CPU tensors; return a small picklable payload."""
