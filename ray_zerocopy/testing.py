@@ -205,8 +205,8 @@ def _registered(plugin: object | None) -> Iterator[None]:
 
 
 def _marker(backend: object) -> str:
-    """Substring of the /proc/self/maps path that zero-copy views must lie in (a backend may override)."""
-    return getattr(type(backend), "shared_memory_marker", "plasma")
+    """Substring of the /proc/self/maps path that zero-copy views must lie in (``Backend.shared_memory_marker``)."""
+    return getattr(backend, "shared_memory_marker", "plasma")  # a backend built on an older Backend lacks it
 
 
 def _merged_mappings(marker: str) -> list[tuple[int, int]]:
@@ -301,8 +301,8 @@ def check_backend(
     Checks: every dtype round-trips bit for bit; each zoo model loads in a task with outputs
     equal bit for bit to the original evaluated in the same worker, every tensor equal, ties
     kept as one object, eval mode, no grad; on the CPU, if the backend claims ``zero_copy``,
-    every tensor is a view of shared memory (Ray's object store, or mappings whose path contains
-    the backend class's ``shared_memory_marker``); bad payloads make ``get`` raise, never return,
+    every tensor is a view of shared memory (mappings whose path contains the backend's
+    ``shared_memory_marker``: Ray's object store unless it says otherwise); bad payloads make ``get`` raise, never return,
     crash the worker or hang.
 
     Args:

@@ -99,9 +99,7 @@ class SafetensorsFileBackend(Backend):
     """Weights in a safetensors file on disk; every actor maps it (zero-copy through the page cache)."""
 
     name = "safetensors_file"
-    # views live in a shared mapping of the .safetensors file, not in Ray's object store
-    # (ray_zerocopy.testing.check_backend looks for this marker in /proc/self/maps)
-    shared_memory_marker = ".safetensors"
+    shared_memory_marker = ".safetensors"  # views live in a shared mapping of the file, not in Ray's store
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> FilePayload:
         folder = weights_dir()
