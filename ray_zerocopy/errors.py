@@ -7,8 +7,22 @@ still works for callers that do not know this library.
 from __future__ import annotations
 
 
+def _rebuild(cls: type, message: str, state: dict) -> RayZeroCopyError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
 class RayZeroCopyError(Exception):
-    """Base class of every error raised by ray_zerocopy."""
+    """Base class of every error raised by ray_zerocopy.
+
+    Errors raised in an actor reach the driver through pickling; the subclasses' rich
+    constructors would break the default reduce, so every error pickles its message and attributes.
+    """
+
+    def __reduce__(self) -> tuple:
+        return _rebuild, (type(self), str(self), self.__dict__)
 
 
 class NotAModuleError(RayZeroCopyError, TypeError):
@@ -120,4 +134,45 @@ class PayloadError(RayZeroCopyError, ValueError):
         super().__init__(
             f"{where}: {problem}. Fix: prepare the model again; the stored weights are damaged or were "
             "written by an incompatible writer."
+        )
+
+
+class SharedWeightWriteError(RayZeroCopyError, RuntimeError):
+    """A model wrote in place into weights that every actor on the node shares."""
+
+    def __init__(self, module: str, module_type: str, tensor: str, what: str) -> None:
+        self.module, self.module_type, self.tensor = module, module_type, tensor
+        super().__init__(
+            f"submodule {module or '<root>'!r} ({module_type}) {what}: tensor {tensor!r} is a zero-copy view "
+            "of shared memory read by every actor on this node, so writing it would corrupt them all. "
+            "Fix: keep the model in eval mode and do not modify weights in place, or load it with "
+            "load_model_in_actor(..., private_copy=True) to give this actor its own writable copy."
+        )
+
+
+class WeightsLostError(RayZeroCopyError, RuntimeError):
+    """The shared weights are gone from the cluster (their owner died, or the object was lost or evicted)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(
+            f"the model's weights are no longer in Ray's object store ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else ''}). Their owner (the process that called "
+            "prepare_model_for_actors) died, or the object was lost with its node or evicted; Ray cannot rebuild "
+            "a ray.put object, and restarted actors do not keep their constructor arguments alive (ray issue "
+            "53727). Fix: keep the process that prepared the model, and the ModelRef, alive for as long as actors "
+            "may (re)load it (prepare it in the driver, not in a task or actor that exits), then prepare it again "
+            "and restart the job."
+        )
+
+
+class LoadDtypeError(RayZeroCopyError, TypeError):
+    """``dtype=`` given at load time is not a floating-point ``torch.dtype``."""
+
+    def __init__(self, dtype: object) -> None:
+        self.dtype = dtype
+        super().__init__(
+            f"dtype={dtype!r} cannot be used to load a model: expected a floating-point torch.dtype "
+            "(torch.float16, torch.bfloat16, torch.float32, ...); only floating-point weights are converted. "
+            "Fix: pass e.g. dtype=torch.float16, or dtype=None to keep the stored dtypes."
         )
