@@ -50,6 +50,8 @@ class SafetensorsPayload:
 
 def _header(weights: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor, int]]]:
     """The padded JSON header exactly as safetensors writes it, and (name, tensor, data offset) in order."""
+    if "__metadata__" in weights:  # the format reserves this key for free-form text
+        raise UnsupportedModelError("", "a tensor is named '__metadata__'", "rename it, or use backend='packed'")
     for name, t in weights.items():
         if t.dtype not in _NAME_OF:
             raise UnsupportedModelError(
