@@ -27,8 +27,10 @@ from ray_zerocopy.errors import (
     NotAModuleError,
     PayloadError,
     RayZeroCopyError,
+    SharedWeightWriteError,
     UnknownBackendError,
     UnsupportedModelError,
+    WeightsLostError,
 )
 from ray_zerocopy.hookspecs import hookimpl, hookspec
 
@@ -47,8 +49,10 @@ __all__ = [
     "Payload",
     "PayloadError",
     "RayZeroCopyError",
+    "SharedWeightWriteError",
     "UnknownBackendError",
     "UnsupportedModelError",
+    "WeightsLostError",
     "__version__",
     "buffer_to_device",
     "dtype_from_name",

@@ -70,6 +70,27 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
         )
 
 
+def _check_module(name: str, module: torch.nn.Module) -> None:
+    """Refuse, in the driver, module kinds whose weights would not be shared (or not survive the split)."""
+    kind = type(module).__module__
+    if isinstance(module, torch.jit.ScriptModule):
+        problem, fix = "is a TorchScript module (its weights live in compiled code, not in parameters)", (
+            "prepare the eager nn.Module (before torch.jit.script/trace) and script it in the actor after loading")
+    elif kind.startswith("torch._dynamo"):  # torch.compile's OptimizedModule
+        problem, fix = "is a torch.compile'd module", (
+            "prepare the original module (compiled._orig_mod) and call torch.compile on the loaded model in the actor")
+    elif torch.nn.utils.parametrize.is_parametrized(module):
+        problem, fix = "is parametrized (torch.nn.utils.parametrize / parametrizations.weight_norm)", (
+            "bake the parametrization in first: torch.nn.utils.parametrize.remove_parametrizations(module, "
+            f"{next(iter(module.parametrizations))!r}) (leave_parametrized=True is the default)")
+    elif kind.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+        problem, fix = f"is a quantized module ({type(module).__qualname__}) whose packed weights are not tensors", (
+            "prepare the float model and quantize it in the actor after loading, or dequantize it")
+    else:
+        return
+    raise UnsupportedModelError(name, problem, fix)
+
+
 def _named_tensors(model: torch.nn.Module):
     """Every parameter and buffer (persistent or not) under every name it is reachable by."""
     for name, t in model.named_parameters(remove_duplicate=False):
@@ -92,6 +113,8 @@ def split_model(model: torch.nn.Module) -> SplitModel:
     layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     ids: dict[int, PersistentId] = {}
     keep_alive = []  # ids are only unique while the objects live
+    for module_name, module in model.named_modules():
+        _check_module(module_name, module)
     for name, t, is_param in _named_tensors(model):
         _check_tensor(name, t)
         key = _view_key(t)
