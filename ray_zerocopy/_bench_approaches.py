@@ -1,0 +1,326 @@
+"""The models and the loading approaches the benchmark compares (see :mod:`ray_zerocopy.bench`).
+
+Every approach is two plain functions: ``prepare`` runs once in the driver and returns a
+small handle (ObjectRefs nested inside it are not resolved by Ray when the handle is passed
+to an actor method inside a list), ``load`` runs in an actor and returns a usable model.
+The alternatives are written here from their public descriptions, the way a user would:
+plain ``ray.put(model)``, Ray's ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`` flag (same code as
+``ray.put``, run by a driver started with the flag), the classic numpy recipe of the earlier
+loaders, and state-dict files read from disk in each actor.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+import torch
+
+# ---------------------------------------------------------------- models
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-bert": ("bert", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=64)),
+    "tiny-gpt2": ("gpt2", dict(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    "bert-base": ("bert", {}),  # 110 M parameters, 438 MB in float32
+    "bert-large": ("bert", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                intermediate_size=4096)),
+    "gpt2-small": ("gpt2", {}),  # 124 M parameters (lm_head tied to wte)
+    "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16)),  # 1.42 GB
+    "gpt2-1.7gb": ("gpt2", dict(n_embd=1024, n_layer=30, n_head=16)),  # 430 M parameters, 1.72 GB
+    "gpt2-large": ("gpt2", dict(n_embd=1280, n_layer=36, n_head=20)),  # 3.1 GB
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Enough to rebuild the model's structure anywhere (an actor builds it on the meta device)."""
+
+    name: str
+    family: str  # "bert" or "gpt2"
+    config: dict[str, Any] = field(default_factory=dict)  # transformers config overrides
+    dtype: str = "float32"
+
+
+def make_spec(preset: str, dtype: str, layers: int | None = None, hidden: int | None = None) -> ModelSpec:
+    """A :class:`ModelSpec` from a preset name and optional size overrides (heads = hidden / 64).
+
+    Raises:
+        ValueError: unknown preset or dtype, or a hidden size that is not a positive multiple of 64.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model {preset!r}; expected one of {', '.join(PRESETS)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {dtype!r}; expected float32, bfloat16 or float16")
+    family, config = PRESETS[preset]
+    config = dict(config)
+    bert = family == "bert"
+    name = preset
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {layers}")
+        config["num_hidden_layers" if bert else "n_layer"] = layers
+        name += f"-L{layers}"
+    if hidden is not None:
+        if hidden < 64 or hidden % 64:
+            raise ValueError(f"--hidden must be a positive multiple of 64 (heads of 64), got {hidden}")
+        heads = hidden // 64
+        config.update(dict(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden)
+                      if bert else dict(n_embd=hidden, n_head=heads))
+        name += f"-H{hidden}"
+    return ModelSpec(name, family, config, dtype)
+
+
+def _model_class(spec: ModelSpec) -> tuple[type[torch.nn.Module], Any]:
+    if spec.family == "bert":
+        from transformers import BertConfig, BertModel
+
+        return BertModel, BertConfig(**spec.config)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel, GPT2Config(**{"bos_token_id": 0, "eos_token_id": 0, **spec.config})
+
+
+def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
+    """The model in eval mode with ``requires_grad=False``: random weights (seed 0), or on the meta device.
+
+    Random init is our own single pass of ``normal_`` (Hugging Face's init is 3x slower on big models).
+    """
+    cls, config = _model_class(spec)
+    if meta:
+        with torch.device("meta"):
+            model = cls(config)
+    else:
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers: pay for its init, then overwrite it
+            import contextlib
+
+            no_init_weights = contextlib.nullcontext
+        with no_init_weights():
+            model = cls(config)
+        model.tie_weights()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02, generator=gen)
+                else:  # norms' weights 1, biases 0: keeps activations in a sane range
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model.to(getattr(torch, spec.dtype)).eval().requires_grad_(False)
+
+
+def sample_input(spec: ModelSpec) -> torch.Tensor:
+    """The token ids every approach's model is run on (1 x 16)."""
+    vocab = spec.config.get("vocab_size", 30522 if spec.family == "bert" else 50257)
+    return torch.randint(0, min(vocab, 1000), (1, 16), generator=torch.Generator().manual_seed(1))
+
+
+def run_model(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """One forward pass; the output tensor (logits or last hidden state) as float32 on the CPU."""
+    with torch.no_grad():
+        out = model(input_ids=ids.to(next(model.parameters()).device))
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return out.float().cpu()
+
+
+# ---------------------------------------------------------------- state-dict files
+
+
+def all_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under every name, non-persistent buffers included
+    (a state dict drops those, and a meta skeleton would keep them on meta)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: t.detach() for name, t in named}
+
+
+def unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(first name -> contiguous tensor, alias -> first name): what a format without sharing can store."""
+    first: dict[tuple, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in all_tensors(model).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+            unique[name] = t.contiguous()
+    return unique, aliases
+
+
+def assign_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """Put ``tensors`` into a (meta) skeleton by dotted name; tensors viewing the same bytes become
+    one object again, so tied weights stay tied. Raises ``KeyError`` naming a missing tensor."""
+    made: dict[tuple, torch.Tensor] = {}
+    named = [(n, True) for n, _ in model.named_parameters(remove_duplicate=False)]
+    named += [(n, False) for n, _ in model.named_buffers(remove_duplicate=False)]
+    for name, is_param in named:
+        t = tensors[aliases.get(name, name)]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, is_param)
+        if key not in made:
+            made[key] = torch.nn.Parameter(t, requires_grad=False) if is_param else t
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        (module._parameters if is_param else module._buffers)[leaf] = made[key]
+
+
+def load_torch_file(spec: ModelSpec, path: str, mmap: bool) -> torch.nn.Module:
+    """Meta skeleton + ``torch.load`` of the tensors file (weights only) + assign."""
+    model = build_model(spec, meta=True)
+    assign_tensors(model, torch.load(path, mmap=mmap, weights_only=True), {})
+    return model
+
+
+# ---------------------------------------------------------------- approaches
+
+
+@dataclass
+class Prepared:
+    """What an approach's ``prepare`` returns: the handle actors get, and every ObjectRef it made."""
+
+    handle: Any
+    refs: list[ray.ObjectRef] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+def find_refs(obj: Any, depth: int = 6) -> list[ray.ObjectRef]:
+    """ObjectRefs nested in containers, dataclasses and plain objects (to size what a payload stores)."""
+    if isinstance(obj, ray.ObjectRef):
+        return [obj]
+    if depth == 0 or isinstance(obj, (str, bytes, bytearray, int, float, torch.Tensor)):
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+        names = list(getattr(obj, "__dict__", {})) + list(getattr(obj, "__slots__", ()))
+        items = [getattr(obj, n, None) for n in names]
+    else:
+        return []
+    return [r for item in items for r in find_refs(item, depth - 1)]
+
+
+def _prepare_ours(backend: str) -> Callable[[torch.nn.Module, str], Prepared]:
+    def prepare(model: torch.nn.Module, workdir: str) -> Prepared:
+        from ray_zerocopy import prepare_model_for_actors
+
+        model_ref = prepare_model_for_actors(model, backend=backend)
+        ref = ray.put(model_ref)  # actors get an ObjectRef, as Ray Data passes it; load resolves it
+        return Prepared(ref, [ref, *find_refs(model_ref.payload)])
+
+    return prepare
+
+
+def _load_ours(handle: ray.ObjectRef, spec: ModelSpec, device: str) -> torch.nn.Module:
+    from ray_zerocopy import load_model_in_actor
+
+    return load_model_in_actor(handle, device=None if device == "cpu" else device)
+
+
+def _prepare_ray_put(model: torch.nn.Module, workdir: str) -> Prepared:
+    ref = ray.put(model)
+    return Prepared(ref, [ref])
+
+
+def _load_ray_put(handle: ray.ObjectRef, spec: ModelSpec, device: str) -> torch.nn.Module:
+    return ray.get(handle).to(device)
+
+
+def _prepare_classic(model: torch.nn.Module, workdir: str) -> Prepared:
+    """Per-module dicts of numpy arrays (each tensor cloned) + a deep copy with the tensors set to None."""
+    tensors = []
+    for _, module in model.named_modules():
+        params = {n: p.detach().clone().numpy() for n, p in module.named_parameters(recurse=False)}
+        buffers = {n: b.detach().clone().numpy() for n, b in module.named_buffers(recurse=False)}
+        tensors.append({"params": params, "buffers": buffers})
+    skeleton = copy.deepcopy(model)
+    for _, module in skeleton.named_modules():
+        for name in [*module._parameters, *module._buffers]:
+            setattr(module, name, None)
+    ref = ray.put((skeleton, tensors))
+    return Prepared(ref, [ref])
+
+
+def _load_classic(handle: ray.ObjectRef, spec: ModelSpec, device: str) -> torch.nn.Module:
+    skeleton, tensors = ray.get(handle)
+    for (_, module), entry in zip(skeleton.named_modules(), tensors):
+        for name, array in entry["params"].items():
+            module.register_parameter(name, torch.nn.Parameter(torch.as_tensor(array), requires_grad=False))
+        for name, array in entry["buffers"].items():
+            module.register_buffer(name, torch.as_tensor(array))
+    return skeleton.to(device)
+
+
+def _prepare_torch_file(model: torch.nn.Module, workdir: str) -> Prepared:
+    path = os.path.join(workdir, "model.pt")
+    torch.save(all_tensors(model), path)
+    return Prepared(path, files=[path])
+
+
+def _load_torch(handle: str, spec: ModelSpec, device: str) -> torch.nn.Module:
+    return load_torch_file(spec, handle, mmap=False).to(device)
+
+
+def _load_torch_mmap(handle: str, spec: ModelSpec, device: str) -> torch.nn.Module:
+    return load_torch_file(spec, handle, mmap=True).to(device)
+
+
+def _prepare_safetensors(model: torch.nn.Module, workdir: str) -> Prepared:
+    from safetensors.torch import save_file
+
+    path = os.path.join(workdir, "model.safetensors")
+    unique, aliases = unique_tensors(model)  # save_file refuses shared tensors: store ties once
+    save_file(unique, path)
+    return Prepared((path, aliases), files=[path])
+
+
+def _load_safetensors(handle: tuple[str, dict[str, str]], spec: ModelSpec, device: str) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    path, aliases = handle
+    model = build_model(spec, meta=True)
+    assign_tensors(model, load_file(path), aliases)
+    return model.to(device)
+
+
+@dataclass(frozen=True)
+class Approach:
+    """One way to get the model into N actors."""
+
+    name: str
+    kind: str  # "ours", "ray", "classic" or "disk"
+    about: str
+    prepare: Callable[[torch.nn.Module, str], Prepared]
+    load: Callable[[Any, ModelSpec, str], torch.nn.Module]
+    copies: bool  # each actor holds a private copy (sizes the memory check before running it)
+
+
+NATIVE = "ray_native"  # run by a second driver with RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1
+OTHERS: dict[str, Approach] = {a.name: a for a in [
+    Approach("classic", "classic", "numpy dicts per module + deep-copied skeleton, torch.as_tensor on load",
+             _prepare_classic, _load_classic, False),
+    Approach(NATIVE, "ray", "ray.put(model) with RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 (driver and workers)",
+             _prepare_ray_put, _load_ray_put, False),
+    Approach("ray_put", "ray", "plain ray.put(model), ray.get in each actor",
+             _prepare_ray_put, _load_ray_put, True),
+    Approach("torch_load", "disk", "torch.load of a state-dict file into a meta skeleton",
+             _prepare_torch_file, _load_torch, True),
+    Approach("torch_load_mmap", "disk", "torch.load(mmap=True) of a state-dict file into a meta skeleton",
+             _prepare_torch_file, _load_torch_mmap, False),
+    Approach("safetensors_load_file", "disk", "safetensors.torch.load_file into a meta skeleton",
+             _prepare_safetensors, _load_safetensors, True),
+]}
+OURS_PREFIX = "rzc:"
+
+
+def get_approach(name: str) -> Approach:
+    """The approach called ``name``: ``rzc:<backend>`` for each transport of ours, or one of ``OTHERS``."""
+    if name.startswith(OURS_PREFIX):
+        backend = name[len(OURS_PREFIX):]
+        return Approach(name, "ours", f"ray_zerocopy, backend {backend!r}", _prepare_ours(backend), _load_ours, False)
+    return OTHERS[name]

@@ -1,0 +1,193 @@
+"""Measurement tools of the benchmark: the actor that loads and times, and the memory probes.
+
+Memory is read from ``/proc`` (Linux). The object store's shared mapping (``/dev/shm/plasma*``)
+is left out of an actor's PSS/USS, because its bytes are counted once as object-store bytes;
+file mappings (``torch.load(mmap=True)``) stay in, shared between the actors that map them.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import warnings
+from typing import Any
+
+import ray
+import torch
+
+from ray_zerocopy._bench_approaches import (
+    ModelSpec,
+    build_model,
+    get_approach,
+    load_torch_file,
+    run_model,
+    sample_input,
+)
+
+STORE_MARKER = "plasma"
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """PSS and USS of a process in bytes, outside the object store's mapping (and ``store_pss`` inside it)."""
+    pss = uss = store = 0
+    in_store = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if " " not in key:  # a field line ("Pss:     12 kB")
+                if key == "Pss":
+                    kb = int(rest.split()[0]) * 1024
+                    store += kb if in_store else 0
+                    pss += 0 if in_store else kb
+                elif key in ("Private_Clean", "Private_Dirty") and not in_store:
+                    uss += int(rest.split()[0]) * 1024
+            else:  # a mapping header ("7f..-7f.. rw-s 0000 00:1b 46  /dev/shm/plasmaX (deleted)")
+                in_store = STORE_MARKER in line
+    return {"pss": pss, "uss": uss, "store_pss": store}
+
+
+def _statm() -> tuple[int, int]:
+    """(resident, shared) bytes of this process; shared = file-backed + shmem pages."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]) * page, int(fields[2]) * page
+
+
+class DriverPeak:
+    """Peak private (anonymous) memory the driver adds inside the ``with`` block, and peak RSS.
+
+    The kernel's exact high-water mark (VmHWM, reset through ``/proc/self/clear_refs``) includes
+    pages written into the object store and into files; a 1 ms sampler tracks the private part.
+    Both private estimates are lower bounds of the true private peak; the larger is reported.
+    """
+
+    def __enter__(self) -> DriverPeak:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self._hwm_ok = True
+        except OSError:
+            self._hwm_ok = False
+        rss, shared = _statm()
+        self.rss0, self.anon0 = rss, rss - shared
+        self._max_anon, self._max_shared, self._max_rss = rss - shared, shared, rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            rss, shared = _statm()
+            self._max_anon = max(self._max_anon, rss - shared)
+            self._max_shared = max(self._max_shared, shared)
+            self._max_rss = max(self._max_rss, rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample_once()
+        hwm = self._max_rss
+        if self._hwm_ok:
+            with open("/proc/self/status") as f:
+                hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        self.peak_rss = max(hwm, self._max_rss) - self.rss0
+        self.peak_private = max(self._max_anon, hwm - self._max_shared) - self.anon0
+
+    def _sample_once(self) -> None:
+        rss, shared = _statm()
+        self._max_anon, self._max_shared = max(self._max_anon, rss - shared), max(self._max_shared, shared)
+        self._max_rss = max(self._max_rss, rss)
+
+
+def object_bytes(refs: list[ray.ObjectRef]) -> int:
+    """Bytes the object store holds for ``refs`` (Ray's own size of each object)."""
+    if not refs:
+        return 0
+    return sum(int(loc.get("object_size") or 0) for loc in ray.experimental.get_object_locations(refs).values())
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@ray.remote(num_cpus=1)
+class BenchActor:
+    """A fresh worker process that loads the model with one approach and reports times and memory.
+
+    ``__init__`` imports what every approach needs (torch, the model's transformers module,
+    safetensors), so a cold load measures the load itself, not Python imports.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str) -> None:
+        torch.set_num_threads(1)  # the same in every actor: outputs are compared bit for bit
+        # zero-copy views of read-only memory make torch warn once per process; not what is measured
+        warnings.filterwarnings("ignore", message=r"The given (NumPy array|buffer) is not writable")
+        import safetensors.torch  # noqa: F401
+
+        build_model(spec, meta=True)  # imports the transformers model module
+        self.spec, self.device = spec, device
+        self.ids = sample_input(spec)
+        self.model: torch.nn.Module | None = None
+        self.out: torch.Tensor | None = None
+        gc.collect()
+        self.base = process_memory()
+
+    def info(self) -> dict[str, Any]:
+        """This worker's pid and whether Ray's zero-copy flag is set in its environment."""
+        return {"pid": os.getpid(), "native_flag": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "")}
+
+    def _load(self, approach: str, handle: Any) -> float:
+        load = get_approach(approach).load
+        t0 = time.perf_counter()
+        model = load(handle, self.spec, self.device)
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        self.model = model
+        return dt
+
+    def load(self, approach: str, wrapped: list[Any]) -> float:
+        """Seconds to load (``wrapped[0]`` is the handle; a list keeps Ray from resolving its refs)."""
+        return self._load(approach, wrapped[0])
+
+    def run_and_measure(self) -> dict[str, int]:
+        """Run the loaded model once (touching every weight), then the memory it added to this process."""
+        self.out = run_model(self.model, self.ids)
+        gc.collect()
+        now = process_memory()
+        return {k: now[k] - self.base[k] for k in now}
+
+    def check(self, reference_path: str) -> float:
+        """Max abs difference between this model's output and the original weights' output, both here."""
+        reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
+        expected = run_model(reference, self.ids)
+        del reference
+        return float((self.out - expected).abs().max())
+
+    def warm(self, approach: str, wrapped: list[Any], repeats: int) -> list[float]:
+        """Seconds of each of ``repeats`` further loads in this process (the previous model is dropped first)."""
+        times = []
+        for _ in range(repeats):
+            self.model = self.out = None
+            gc.collect()
+            times.append(self._load(approach, wrapped[0]))
+        self.model = None
+        return times
+
+    def pinned_peak(self, nbytes: int, repeats: int = 5) -> float:
+        """Best GB/s of one pinned host buffer copied to this actor's GPU (the link's practical peak)."""
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dst.copy_(src, non_blocking=True)
+        _sync(self.device)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            _sync(self.device)
+            best = min(best, time.perf_counter() - t0)
+        return nbytes / best / 1e9

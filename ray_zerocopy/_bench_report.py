@@ -1,0 +1,130 @@
+"""Output of the benchmark: per-approach summary numbers, the text table, the JSON file, the PNG chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any, Sequence
+
+MB = 1e6
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(result: dict[str, Any], model_bytes: int, device: str) -> None:
+    """Add medians, spreads and the node-memory multiple to one approach's raw result (in place)."""
+    for phase in ("cold", "warm"):
+        times = result.get(f"{phase}_s") or []
+        if times:
+            result[f"{phase}_median_s"] = statistics.median(times)
+            result[f"{phase}_min_s"], result[f"{phase}_max_s"] = min(times), max(times)
+            result[f"{phase}_p10_s"], result[f"{phase}_p90_s"] = _quantile(times, 0.1), _quantile(times, 0.9)
+    pss = result.get("actor_pss_added_bytes")
+    if pss:
+        result["node_bytes"] = result.get("store_bytes", 0) + sum(pss)
+        result["node_x_model"] = result["node_bytes"] / model_bytes
+        result["actor_uss_median_bytes"] = statistics.median(result["actor_uss_added_bytes"])
+    if device != "cpu" and result.get("warm_median_s"):
+        result["h2d_gbps"] = model_bytes / result["warm_median_s"] / 1e9
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def _row(r: dict[str, Any], device: str) -> list[str]:
+    if not r.get("ok") and r.get("warm_median_s") is None:
+        err = (r.get("error") or "failed").replace("\n", " ")
+        return [r["name"], *["-"] * (8 if device != "cpu" else 7), "FAILED: " + err[:110]]
+    cells = [
+        r["name"],
+        f"{r['prepare_s']:.2f}" if r.get("prepare_s") is not None else "-",
+        f"{_ms(r.get('cold_median_s'))} [{_ms(r.get('cold_min_s'))}-{_ms(r.get('cold_max_s'))}]",
+        f"{_ms(r.get('warm_median_s'))} [{_ms(r.get('warm_p10_s'))}-{_ms(r.get('warm_p90_s'))}]",
+        f"{r['node_x_model']:.2f}" if "node_x_model" in r else "-",
+        f"{r['actor_uss_median_bytes'] / MB:.1f}" if "actor_uss_median_bytes" in r else "-",
+        f"{r['driver_peak_private_bytes'] / MB:.0f}" if "driver_peak_private_bytes" in r else "-",
+        f"{r['max_abs_diff']:.3g}" if r.get("max_abs_diff") is not None else "-",
+    ]
+    if device != "cpu":
+        cells.append(f"{r['h2d_gbps']:.2f}" if "h2d_gbps" in r else "-")
+    cells.append("ok" if r.get("ok") else "FAILED: " + (r.get("error") or "")[:110])
+    return cells
+
+
+def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The human-readable table (what the benchmark prints at the end)."""
+    device = meta["device"]
+    head = ["approach", "prepare s", "cold ms [min-max]", "warm ms [p10-p90]", "node mem x",
+            "USS/actor MB", "drv peak MB", "max|diff|"]
+    if device != "cpu":
+        head.append("H2D GB/s")
+    head.append("status")
+    rows = [head, *(_row(r, device) for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    la = meta["load_avg_before"]
+    title = (
+        f"ray_zerocopy bench: {meta['model']} ({meta['dtype']}, {meta['model_bytes'] / MB:.1f} MB unique, "
+        f"{meta['tensors']} tensors), {meta['actors']} actors, device {device}, {meta['repeats']} warm loads/actor, "
+        f"{meta['cpus']} cores, load avg before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
+    )
+    notes = [
+        "cold: first load in each fresh actor process (one at a time); warm: later loads in the same actors.",
+        "node mem x: (object-store bytes + sum of the actors' added PSS outside the store) / model unique bytes,",
+        "  with every actor holding the model after one forward pass; disk files sit in the page cache.",
+        "USS/actor: private bytes an actor added; drv peak: driver's private peak during prepare;",
+        "max|diff|: output vs the original weights, both computed in the same actor.",
+    ]
+    if device != "cpu":
+        notes.append(f"pinned-memory peak host-to-device: {meta.get('pinned_peak_gbps') or 0:.2f} GB/s")
+    return "\n".join([title, "", *lines, "", *notes])
+
+
+def write_json(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
+
+
+def draw_png(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """Two bar charts side by side: load time (log scale, warm bars with cold markers) and node memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    ys = list(range(len(names)))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 2.2), sharey=True)
+    colors = ["tab:green" if r["kind"] == "ours" else "tab:gray" for r in results]
+    warm = [(r.get("warm_median_s") or 0) * 1e3 for r in results]
+    ax_t.barh(ys, warm, color=colors, label="warm median")
+    cold = [(r.get("cold_median_s") or float("nan")) * 1e3 for r in results]
+    ax_t.plot(cold, ys, "k|", markersize=14, label="cold median")
+    ax_t.set_xscale("log")
+    ax_t.set_xlabel("load time in an actor (ms, log scale)")
+    ax_t.legend(loc="lower right", fontsize=8)
+    node = [r.get("node_x_model") or 0 for r in results]
+    ax_m.barh(ys, node, color=colors)
+    ax_m.axvline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax_m.set_xlabel(f"node memory with {meta['actors']} actors (x model size)")
+    for y, r in zip(ys, results):
+        if not r.get("ok"):
+            ax_t.text(0.02, y, "FAILED", transform=ax_t.get_yaxis_transform(), va="center", color="tab:red")
+    ax_t.set_yticks(ys, names)
+    ax_t.invert_yaxis()
+    fig.suptitle(f"{meta['model']} {meta['dtype']} ({meta['model_bytes'] / MB:.0f} MB), {meta['actors']} actors, "
+                 f"{meta['device']}, {meta['cpus']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

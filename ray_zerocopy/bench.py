@@ -1,0 +1,333 @@
+"""``python -m ray_zerocopy bench``: ray_zerocopy against every alternative, side by side, in one run.
+
+On one model (bert-base or GPT-2 shapes built from configs, random weights) it runs every
+registered transport of ours, plain ``ray.put(model)``, Ray's own
+``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` (in a second driver started with the flag, so its
+workers have it too), the classic numpy recipe, and state-dict files loaded in each actor
+(``torch.load``, ``torch.load(mmap=True)``, ``safetensors.torch.load_file``). For each it
+measures driver prepare time and peak memory, load time in N fresh actors (cold) and again in
+the same actors (warm), node memory with the N actors holding the model, each actor's private
+memory, and output correctness; with ``--device cuda`` also host-to-device GB/s. It prints a
+table (progress goes to stderr), and writes JSON and a PNG chart.
+
+Example:
+    python -m ray_zerocopy bench --model bert-base --actors 4 --json out.json --png out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import ray
+import torch
+
+from ray_zerocopy._bench_approaches import (
+    NATIVE,
+    OTHERS,
+    OURS_PREFIX,
+    PRESETS,
+    ModelSpec,
+    all_tensors,
+    build_model,
+    get_approach,
+    load_torch_file,
+    make_spec,
+    unique_tensors,
+)
+from ray_zerocopy._bench_probe import BenchActor, DriverPeak, object_bytes
+from ray_zerocopy._bench_report import draw_png, format_table, summarize, write_json
+
+NATIVE_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """One progress line on stderr, stamped with the seconds since the benchmark started."""
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Options:
+    args: argparse.Namespace
+    spec: ModelSpec
+    approaches: list[str]
+    actors: int
+    device: str
+    repeats: int
+
+
+@dataclass
+class Context:
+    workdir: str
+    reference: str  # tensors file of the original weights (correctness reference in every actor)
+    model_bytes: int
+    num_gpus: float = 0.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ray_zerocopy bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bert-base", choices=list(PRESETS), help="model shape (default bert-base)")
+    p.add_argument("--layers", type=int, help="override the number of transformer layers")
+    p.add_argument("--hidden", type=int, help="override the hidden size (a multiple of 64; heads = hidden/64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--actors", type=int, default=4, help="actors holding the model at once (default 4)")
+    p.add_argument("--backends", default="all", help="comma list of our transports (default: every registered)")
+    p.add_argument("--approaches", default="all",
+                   help=f"comma list of: ours, {', '.join(OTHERS)}, or rzc:<backend> (default all)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: load onto each actor's GPU")
+    p.add_argument("--repeats", type=int, default=3, help="warm loads per actor (default 3)")
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    p.add_argument("--png", dest="png_path", help="draw the chart (PNG) here")
+    p.add_argument("--child-workdir", help=argparse.SUPPRESS)  # internal: the second driver for ray_native
+    return p
+
+
+def _select(args: argparse.Namespace) -> list[str]:
+    """The approach names to run, in table order: ours first, then the alternatives."""
+    from ray_zerocopy.plugins import backend_names
+
+    registered = backend_names()
+    backends = registered if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in registered]
+    if unknown:
+        raise ValueError(f"--backends: unknown {unknown}; registered here: {registered}")
+    ours = [OURS_PREFIX + b for b in backends]
+    wanted = ["ours", *OTHERS] if args.approaches == "all" else [a.strip() for a in args.approaches.split(",")]
+    chosen: list[str] = []
+    for name in wanted:
+        if name in ("ours", "rzc"):
+            chosen += ours
+        elif name.startswith(OURS_PREFIX) and name[len(OURS_PREFIX):] in registered:
+            chosen.append(name)
+        elif name in OTHERS:
+            chosen.append(name)
+        elif name:
+            raise ValueError(f"--approaches: unknown {name!r}; expected ours, {', '.join(OTHERS)}, "
+                             f"or rzc:<backend> with a backend in {registered}")
+    order = ours + [OURS_PREFIX + b for b in registered] + list(OTHERS)
+    return sorted(dict.fromkeys(chosen), key=order.index)
+
+
+def parse_options(argv: list[str]) -> Options:
+    """Parse and check the command line (errors name the bad value and the allowed ones)."""
+    args = _parser().parse_args(argv)
+    if args.actors < 1 or args.repeats < 1:
+        raise ValueError(f"--actors and --repeats must be >= 1, got {args.actors} and {args.repeats}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    spec = make_spec(args.model, args.dtype, args.layers, args.hidden)
+    return Options(args, spec, _select(args), args.actors, args.device, args.repeats)
+
+
+def _start_ray(opts: Options, model_bytes: int) -> None:
+    # one approach's objects at a time (freed before the next); 2.5x leaves room for the classic
+    # recipe's duplicated ties and for fragmentation
+    store = max(512 * 2**20, int(2.5 * model_bytes) + 256 * 2**20)
+    ray.init(address="local", num_cpus=max(8, opts.actors), object_store_memory=store,
+             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _memory_shortfall(name: str, model_bytes: int, actors: int) -> str | None:
+    """Why not to run this approach now (it would not fit in the free RAM), or None."""
+    copies = get_approach(name).copies
+    need = model_bytes * ((actors + 2) if copies else 2)
+    free = psutil.virtual_memory().available
+    if need > 0.85 * free:
+        return (f"skipped: needs ~{need / 1e9:.1f} GB of RAM ({'one copy per actor' if copies else 'shared copy'}), "
+                f"only {free / 1e9:.1f} GB available now; use fewer --actors or a smaller --model")
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the actor's exception
+    text = f"{type(cause).__name__}: {cause}".strip()
+    return text.splitlines()[0][:300] if text else type(cause).__name__
+
+
+def _measure_actors(name: str, opts: Options, ctx: Context, handle: Any, res: dict[str, Any]) -> None:
+    actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
+    actors = [actor_cls.remote(opts.spec, opts.device) for _ in range(opts.actors)]
+    try:
+        infos = ray.get([a.info.remote() for a in actors])
+        if name == NATIVE and any(i["native_flag"] != "1" for i in infos):
+            raise RuntimeError(f"{NATIVE_ENV} is not set in the actors ({infos}): the measurement would be plain ray.put")
+        wrapped = [handle]
+        progress(f"  {name}: cold loads in {opts.actors} fresh actors")
+        res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors]  # one at a time: no contention
+        mem = ray.get([a.run_and_measure.remote() for a in actors])
+        res["actor_pss_added_bytes"] = [m["pss"] for m in mem]
+        res["actor_uss_added_bytes"] = [m["uss"] for m in mem]
+        res["actor_store_pss_bytes"] = [m["store_pss"] for m in mem]
+        res["max_abs_diff"] = ray.get(actors[0].check.remote(ctx.reference))
+        progress(f"  {name}: {opts.repeats} warm loads in each actor")
+        res["warm_s"] = [t for a in actors for t in ray.get(a.warm.remote(name, wrapped, opts.repeats))]
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context) -> dict[str, Any]:
+    """Prepare, load in N actors, measure, free. Failures are recorded in the result, never raised."""
+    approach = get_approach(name)
+    res: dict[str, Any] = {"name": name, "kind": approach.kind, "about": approach.about, "ok": False, "error": None}
+    res["error"] = _memory_shortfall(name, ctx.model_bytes, opts.actors)
+    if res["error"]:
+        progress(f"  {name}: {res['error']}")
+        return res
+    adir = tempfile.mkdtemp(prefix=name.replace(":", "_") + "-", dir=ctx.workdir)
+    try:
+        with DriverPeak() as peak:
+            t0 = time.perf_counter()
+            prepared = approach.prepare(model, adir)
+            res["prepare_s"] = time.perf_counter() - t0
+        res["driver_peak_private_bytes"], res["driver_peak_rss_bytes"] = peak.peak_private, peak.peak_rss
+        res["store_bytes"] = object_bytes(prepared.refs)
+        res["file_bytes"] = sum(os.path.getsize(f) for f in prepared.files)
+        progress(f"  {name}: prepared in {res['prepare_s']:.2f} s")
+        _measure_actors(name, opts, ctx, prepared.handle, res)
+        res["ok"] = True
+    except Exception as exc:  # an approach that cannot handle the model is a result, not a crash
+        res["error"] = _describe(exc)
+        progress(f"  {name}: FAILED {res['error']}")
+    finally:
+        prepared = None
+        gc.collect()
+        shutil.rmtree(adir, ignore_errors=True)
+    summarize(res, ctx.model_bytes, opts.device)
+    return res
+
+
+def _child_argv(opts: Options, workdir: str) -> list[str]:
+    a = opts.args
+    argv = ["--model", a.model, "--dtype", a.dtype, "--actors", str(a.actors), "--device", a.device,
+            "--repeats", str(a.repeats), "--approaches", NATIVE, "--child-workdir", workdir]
+    argv += ["--layers", str(a.layers)] if a.layers is not None else []
+    return argv + (["--hidden", str(a.hidden)] if a.hidden is not None else [])
+
+
+def _run_native(opts: Options, ctx: Context) -> dict[str, Any]:
+    """Ray reads the flag at import, in the driver and in each worker: run it in a second driver."""
+    progress(f"{NATIVE}: starting a second driver with {NATIVE_ENV}=1")
+    env = {**os.environ, NATIVE_ENV: "1"}
+    cmd = [sys.executable, "-m", "ray_zerocopy", "bench", *_child_argv(opts, ctx.workdir)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        res = {"name": NATIVE, "kind": "ray", "about": get_approach(NATIVE).about, "ok": False,
+               "error": f"the {NATIVE_ENV}=1 driver exited with status {proc.returncode} (its stderr is above)"}
+        return res
+
+
+def _child_main(opts: Options) -> int:
+    """The second driver: the parent's exact weights, loaded from its tensors file, through ray_native."""
+    reference = os.path.join(opts.args.child_workdir, "reference.pt")
+    model = load_torch_file(opts.spec, reference, mmap=False)
+    model_bytes = sum(t.nbytes for t in unique_tensors(model)[0].values())
+    _start_ray(opts, model_bytes)
+    try:
+        res = run_approach(NATIVE, model, opts, Context(opts.args.child_workdir, reference, model_bytes))
+    finally:
+        ray.shutdown()
+    print(json.dumps(res, default=str))
+    return 0
+
+
+def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "model": opts.spec.name, "family": opts.spec.family, "config": opts.spec.config, "dtype": opts.spec.dtype,
+        "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
+        "actors": opts.actors, "device": opts.device, "repeats": opts.repeats, "cpus": psutil.cpu_count(),
+        "load_avg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run every selected approach on one model; return (meta, results in table order)."""
+    progress(f"building {opts.spec.name} ({opts.spec.dtype})")
+    model = build_model(opts.spec)
+    unique = unique_tensors(model)[0]
+    meta = _meta(opts, model, unique)
+    del unique
+    progress(f"model: {meta['model_bytes'] / 1e6:.1f} MB in {meta['tensors']} unique tensors; "
+             f"approaches: {', '.join(opts.approaches)}")
+    workdir = tempfile.mkdtemp(prefix="rzc-bench-")
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        ctx = Context(workdir, os.path.join(workdir, "reference.pt"), meta["model_bytes"])
+        torch.save(all_tensors(model), ctx.reference)
+        if NATIVE in opts.approaches:  # before our own Ray starts: one cluster at a time
+            results[NATIVE] = _run_native(opts, ctx)
+        _start_ray(opts, meta["model_bytes"])
+        try:
+            meta["pinned_peak_gbps"] = _pinned_peak(opts, ctx) if opts.device != "cpu" else None
+            for i, name in enumerate(opts.approaches):
+                if name != NATIVE:
+                    progress(f"[{i + 1}/{len(opts.approaches)}] {name}")
+                    results[name] = run_approach(name, model, opts, ctx)
+        finally:
+            ray.shutdown()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta["load_avg_after"] = os.getloadavg()
+    meta["duration_s"] = time.perf_counter() - _T0
+    return meta, [results[name] for name in opts.approaches]
+
+
+def _pinned_peak(opts: Options, ctx: Context) -> float:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        raise ValueError(f"--device {opts.device}: Ray sees no GPU on this machine; use --device cpu")
+    ctx.num_gpus = min(1.0, gpus / opts.actors)
+    actor = BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device)
+    try:
+        return ray.get(actor.pinned_peak.remote(min(ctx.model_bytes, 2**30)))
+    finally:
+        ray.kill(actor)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``python -m ray_zerocopy bench``; returns the exit status.
+
+    Args:
+        argv: the arguments after ``bench`` (see ``--help``).
+
+    Returns:
+        0 when every transport of ours ran (alternatives may fail: that is a result), 1 if one of
+        ours failed, 2 on a bad command line.
+
+    Example:
+        >>> main(["--model", "tiny-gpt2", "--actors", "2", "--json", "out.json"])  # doctest: +SKIP
+    """
+    try:
+        opts = parse_options(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if opts.args.child_workdir:
+        return _child_main(opts)
+    meta, results = run(opts)
+    print(format_table(meta, results))
+    if opts.args.json_path:
+        write_json(opts.args.json_path, meta, results)
+    if opts.args.png_path:
+        draw_png(opts.args.png_path, meta, results)
+    return 1 if any(r["kind"] == "ours" and not r["ok"] for r in results) else 0
