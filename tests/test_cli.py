@@ -1,0 +1,67 @@
+"""`python -m ray_zerocopy backends`: each transport with the plugin and distribution providing it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAKE_BACKEND
+
+BUILTINS = {
+    "object_store": "ray_zerocopy.backends.object_store",
+    "safetensors": "ray_zerocopy.backends.safetensors_blob",
+    "packed": "ray_zerocopy.backends.packed",
+}
+
+
+def list_backends(*args: str, disable_autoload: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"}
+    if disable_autoload:
+        env["RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    # PYTHONPATH (set by conftest) carries the fake plugin's distribution to the subprocess
+    return subprocess.run([sys.executable, "-m", "ray_zerocopy", "backends", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def rows(stdout: str) -> dict[str, tuple[str, str]]:
+    """backend -> (plugin, distribution), from the table above the blank line."""
+    table = stdout.split("\n\n")[0].splitlines()
+    assert table[0].split() == ["backend", "plugin", "distribution"]
+    return {cells[0]: (cells[1], " ".join(cells[2:])) for cells in (line.split() for line in table[1:])}
+
+
+def test_lists_every_backend_with_plugin_and_distribution():
+    out = list_backends()
+    assert out.returncode == 0, out.stderr
+    found = rows(out.stdout)
+    for name, module in BUILTINS.items():
+        assert found[name] == (module, "built-in")
+    version = importlib.metadata.version("rzc-fake-backend")
+    assert found[FAKE_BACKEND] == (FAKE_BACKEND, f"rzc-fake-backend {version}")
+    assert f"{len(found)} backend(s)" in out.stdout
+
+
+def test_example_package_is_listed_when_installed():
+    try:
+        version = importlib.metadata.version("rzc-safetensors-file")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("examples/custom_backend is not installed here (CI installs it)")
+    assert rows(list_backends().stdout)["safetensors_file"] == ("safetensors_file", f"rzc-safetensors-file {version}")
+
+
+def test_env_var_turns_entry_point_autoload_off():
+    out = list_backends(disable_autoload=True)
+    assert out.returncode == 0, out.stderr
+    found = rows(out.stdout)
+    assert set(BUILTINS) <= set(found) and FAKE_BACKEND not in found and "safetensors_file" not in found
+    assert {dist for _, dist in found.values()} == {"built-in"}, "entry-point plugins must not load"
+    assert "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD=1" in out.stdout
+
+
+def test_extra_arguments_are_refused():
+    out = list_backends("--all")
+    assert out.returncode == 2 and "'backends' takes no arguments" in out.stderr
