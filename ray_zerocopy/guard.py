@@ -49,17 +49,20 @@ def _mprotect(ranges: Iterable[tuple[int, int]], prot: int) -> bool:
 
 def shared_mappings(marker: str = "plasma") -> list[tuple[int, int]]:
     """``(start, end)`` of this process's shared mappings whose path contains ``marker`` (Ray's store)."""
-    out = []
+    out: list[list[int]] = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split(maxsplit=5)
                 if len(parts) == 6 and parts[1][3] == "s" and marker in parts[5]:
                     lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((lo, hi))
+                    if out and out[-1][1] == lo:  # our own mprotect splits one mapping into several lines
+                        out[-1][1] = hi
+                    else:
+                        out.append([lo, hi])
     except OSError:  # no /proc: no page protection, the version checks still run
         pass
-    return out
+    return [(lo, hi) for lo, hi in out]
 
 
 def split_pages(

@@ -124,13 +124,13 @@ def tensors_outside_shared_memory(model: nn.Module, marker: str = "plasma") -> l
     Linux only: reads ``/proc/self/maps``. An empty list proves every weight is a view of
     the node's shared memory (no private copy in this process).
     """
-    maps = _shared_mappings(marker)
+    maps = _merged_mappings(marker)  # the write guard's mprotect splits a mapping into several lines
     outside = []
     for name, t in unique_tensors(model):
         if t.device.type != "cpu" or t.nbytes == 0:
             continue
         lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
-        if not any(a <= lo and hi <= b for a, b, _ in maps):
+        if not any(a <= lo and hi <= b for a, b in maps):
             outside.append(name)
     return outside
 
