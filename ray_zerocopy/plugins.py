@@ -52,13 +52,7 @@ def plugin_manager() -> pluggy.PluginManager:
             pm = pluggy.PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
             for module_name in BUILTIN_PLUGINS:
-                try:
-                    module = importlib.import_module(module_name)
-                except ModuleNotFoundError as exc:  # a built-in not written yet must not break the rest
-                    if exc.name != module_name:
-                        raise
-                    continue
-                pm.register(module, name=module_name)
+                pm.register(importlib.import_module(module_name), name=module_name)
             if not os.environ.get(DISABLE_AUTOLOAD_ENV):
                 pm.load_setuptools_entrypoints(hookspecs.PROJECT)
             _pm = pm
