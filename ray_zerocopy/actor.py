@@ -24,7 +24,9 @@ from ray_zerocopy.errors import (
     InvalidModelRefError,
     NoModelsError,
     NotAModuleError,
+    WeightsLostError,
 )
+from ray_zerocopy.guard import guard_model, private_copies
 from ray_zerocopy.plugins import get_backend
 
 DEFAULT_BACKEND = "object_store"
@@ -125,6 +127,8 @@ def load_model_in_actor(
     device: str | torch.device | None = None,
     backend: str | None = None,
     use_fast_load: bool = False,
+    *,
+    private_copy: bool = False,
 ) -> torch.nn.Module:
     """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
 
@@ -133,6 +137,8 @@ def load_model_in_actor(
         device: ``None``/``"cpu"`` for shared-memory views, ``"cuda"`` / ``"cuda:N"`` for a GPU of this actor.
         backend: must be ``None`` or the backend the ref was prepared with.
         use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).
+        private_copy: give this actor its own writable copy of the CPU weights (for models that
+            write them in place); by default shared weights are write-protected (see ``guard.py``).
 
     Returns:
         The model in eval mode, with ``requires_grad=False`` weights and ties restored.
@@ -143,10 +149,21 @@ def load_model_in_actor(
         UnknownBackendError: the ref's backend is not installed in this process.
         FormatVersionError: the payload was written by an incompatible backend version.
         DeviceError: ``device`` is not visible here.
+        WeightsLostError: the weights are gone (their owner died, or they were lost or evicted).
+        SharedWeightWriteError: (later, from a call) the model wrote into its shared weights.
 
     Example:
         >>> model = load_model_in_actor(ref, device="cuda")  # doctest: +SKIP
     """
+    try:
+        return _load(model_ref, device, backend, use_fast_load, private_copy)
+    except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
+        raise WeightsLostError(exc) from exc
+
+
+def _load(
+    model_ref: Any, device: Any, backend: str | None, use_fast_load: bool, private_copy: bool,
+) -> torch.nn.Module:
     ref = _as_model_ref(model_ref)
     if backend is not None and backend != ref.backend:
         raise BackendMismatchError(backend, ref.backend)
@@ -156,7 +173,10 @@ def load_model_in_actor(
         raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)
     with torch.inference_mode(False):
         tensors = chosen.get(ref.payload, dev)
-    return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
+    if private_copy:
+        tensors = private_copies(tensors)
+    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
+    return model if private_copy or dev.type != "cpu" else guard_model(model, chosen.shared_memory_marker)
 
 
 def _model_attr_names(pipeline: object, names: Sequence[str] | None) -> list[str]:
@@ -231,13 +251,15 @@ def load_pipeline_in_actor(
     device: str | torch.device | None = None,
     backend: str | None = None,
     use_fast_load: bool = False,
+    *,
+    private_copy: bool = False,
 ) -> Any:
     """Rebuild a pipeline from :func:`rewrite_pipeline_for_actors` inside an actor.
 
     Args:
         skeleton: the pipeline skeleton (or an ObjectRef to it).
         model_refs: ``{attribute name: ModelRef}`` (or an ObjectRef to it).
-        device, backend, use_fast_load: as for :func:`load_model_in_actor`.
+        device, backend, use_fast_load, private_copy: as for :func:`load_model_in_actor`.
 
     Returns:
         A shallow copy of the skeleton with every model loaded (shared models loaded once).
@@ -254,6 +276,8 @@ def load_pipeline_in_actor(
     for name, ref in model_refs.items():
         ref = _as_model_ref(ref)
         if id(ref) not in loaded:
-            loaded[id(ref)] = load_model_in_actor(ref, device=device, backend=backend, use_fast_load=use_fast_load)
+            loaded[id(ref)] = load_model_in_actor(
+                ref, device=device, backend=backend, use_fast_load=use_fast_load, private_copy=private_copy
+            )
         _set_attr(pipeline, name, loaded[id(ref)])
     return pipeline
