@@ -136,7 +136,7 @@ def test_example_entry_point_is_found_when_installed():
     assert (info.plugin, info.distribution) == (EXAMPLE_BACKEND, f"{EXAMPLE_DIST} {dist.version}")
 
 
-def test_example_reports_missing_and_damaged_files(tmp_path, monkeypatch):
+def test_example_reports_missing_and_damaged_files(ray_local, tmp_path, monkeypatch):
     example_distribution()
     monkeypatch.setenv("RZC_SAFETENSORS_FILE_DIR", str(tmp_path))
     backend = get_backend(EXAMPLE_BACKEND)

@@ -8,7 +8,8 @@ local disk for one node, shared storage (NFS, Lustre, ...) for several. Set
 ``RZC_SAFETENSORS_FILE_DIR`` to choose the folder (default: ``<tmp>/ray_zerocopy_files``).
 
 Files are removed when the driver process that wrote them exits; an actor that already
-mapped one keeps working. Like Ray's object store the mapping is writable, so an
+mapped one keeps working, and a later load fails as it would for weights in the object store
+(the payload holds a tiny object of the writing process, fetched on every load). Like Ray's object store the mapping is writable, so an
 in-place write would reach every actor: ray_zerocopy's guards apply unchanged.
 
 Install it (``pip install .``) where the driver and the actors run, then
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+import ray
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -46,6 +48,7 @@ _written: list[str] = []  # files this process wrote; removed when it exits
 class FilePayload:
     path: str
     nbytes: int
+    owner: ray.ObjectRef  # a tiny object of the writing process: the file is valid while it lives
 
 
 def weights_dir() -> str:
@@ -108,11 +111,13 @@ class SafetensorsFileBackend(Backend):
         save_file(_own_storage(weights), path + ".partial")
         os.replace(path + ".partial", path)  # readers never see a half-written file
         _written.append(path)
-        return FilePayload(path, os.path.getsize(path))
+        return FilePayload(path, os.path.getsize(path), ray.put(path))
 
     def get(self, payload: FilePayload, device: torch.device) -> dict[str, torch.Tensor]:
         if not isinstance(payload, FilePayload):
             raise PayloadError(None, f"expected a FilePayload, got {type(payload).__qualname__}")
+        if ray.get(payload.owner) != payload.path:  # raises OwnerDiedError once the writer is gone
+            raise PayloadError(None, f"payload of {payload.path} does not match the object its writer stored")
         try:
             with open(payload.path, "r+b") as f:  # the mapping keeps its own reference to the file
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
