@@ -41,7 +41,7 @@ DTYPES = {
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_written: list[str] = []  # files this process wrote; removed when it exits
+_written: dict[str, mmap.mmap] = {}  # files this process wrote (and maps); removed when it exits
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,15 @@ def _remove_written() -> None:
             os.remove(path)
         except FileNotFoundError:
             pass
+
+
+def _map_resident(path: str) -> mmap.mmap:
+    """Map the new file in the writer too and fault every page in, as Ray's store holds its objects:
+    each page is then shared from the first actor's load on (never private to one actor)."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    np.frombuffer(mapped, dtype=np.uint8)[:: mmap.PAGESIZE].sum()  # one read per page
+    return mapped
 
 
 def _own_storage(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,7 +119,7 @@ class SafetensorsFileBackend(Backend):
         path = os.path.join(folder, f"{uuid.uuid4().hex}.safetensors")
         save_file(_own_storage(weights), path + ".partial")
         os.replace(path + ".partial", path)  # readers never see a half-written file
-        _written.append(path)
+        _written[path] = _map_resident(path)
         return FilePayload(path, os.path.getsize(path), ray.put(path))
 
     def get(self, payload: FilePayload, device: torch.device) -> dict[str, torch.Tensor]:
