@@ -248,10 +248,10 @@ def _check_model(name: str, model_name: str, ref: object, device: str) -> list[s
     from ray_zerocopy.actor import load_model_in_actor
     from ray_zerocopy.plugins import get_backend
 
-    original, ids = zoo_model(model_name), zoo_input()
+    original, ids = zoo_model(model_name).to(device), zoo_input().to(device)
     loaded = load_model_in_actor(ref, device=device)
-    with torch.no_grad():  # both evaluated here: same threads, same rounding
-        expected, got = original(ids), loaded(ids.to(device)).cpu()
+    with torch.no_grad():  # both evaluated here, on one device: same kernels, same rounding
+        expected, got = original(ids).cpu(), loaded(ids).cpu()
     problems = [] if _same(got, expected) else ["output differs from the original model's (not bit-for-bit)"]
     want, have = _all_named(original), _all_named(loaded)
     if set(want) != set(have):
