@@ -2,41 +2,47 @@
 
 Why this exists: ``tensor.to("cuda")`` from pageable memory (Ray's object store is pageable
 shared memory) makes the CUDA driver bounce every byte through a small pinned buffer of its
-own, on one thread: 5.5-7.5 GB/s on an H100, where pinned memory reaches ~55 GB/s. Two ways
-reach pinned speed without a second full host copy, and ``auto`` runs both at once:
+own, on one thread: 5.5-7.5 GB/s on an H100, where pinned memory reaches ~55 GB/s. Routes to
+pinned speed without a second full host copy (measured on the H100 VM, 2 GiB, fresh process):
 
-- pin in place: one thread pins the object store's pages chunk by chunk (``cudaHostRegister``,
-  read-only flag) and starts each chunk's DMA as soon as it is pinned. Measured on an H100 VM:
-  ~16 GB/s, and it does not scale with threads (the driver serializes pinning).
-- staging: worker threads copy chunks into a small ring of pinned buffers (a CPU copy releases
-  the GIL) while the GPU drains the full ones. Bounded extra host memory (2 buffers a thread).
+- ``staged`` (what ``auto`` uses): 6 worker threads copy 4 MiB chunks into a small ring of pinned
+  buffers (a CPU copy releases the GIL) while the GPU drains the full ones: 19-23 GB/s cold
+  (8 threads 16-20, 12 and 16 slower still: they contend), bounded extra host memory (2 buffers a
+  thread, 48 MiB). The ring is ordinary memory pinned with ``cudaHostRegister`` (~50 ms/GB there)
+  rather than ``cudaHostAlloc`` (~400 ms/GB there), and is unpinned and freed after the copy.
+- ``register``: one thread pins the object store's pages in place chunk by chunk (read-only flag)
+  and starts each chunk's DMA as soon as it is pinned: 13-18 GB/s, no staging memory; more
+  threads do not help (the driver serializes pinning).
+- ``hybrid``: both at once, pinning from the back and staging from the front until they meet:
+  13-14 GB/s there (they contend), kept for machines where pinning is cheap.
 
-In ``auto`` the pinning thread takes chunks from the back of the buffer and the staging threads
-from the front, until they meet: the faster side does more, and if pinning fails (memory already
-pinned, unsupported, limits) staging simply does the rest, with one log line. Route, threads and
-chunk sizes can be overridden by environment variables, read on every call (so a Ray
-``runtime_env`` can set them per actor).
+Any pinning failure (memory already pinned, unsupported, limits) falls back, with one log line, to
+the next route down (pin in place -> staging -> plain copy), and leaves no CUDA error behind.
+Route, threads and chunk sizes can be overridden by environment variables, read on every call
+(so a Ray ``runtime_env`` can set them per actor).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 log = logging.getLogger("ray_zerocopy")
 
-ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | register | staged | plain
+ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | staged | register | hybrid | plain
 THREADS_ENV = "RAY_ZEROCOPY_H2D_THREADS"  # staging threads
 CHUNK_ENV = "RAY_ZEROCOPY_H2D_CHUNK_MB"  # staging buffer size
 PIN_CHUNK_ENV = "RAY_ZEROCOPY_H2D_PIN_CHUNK_MB"  # bytes pinned per cudaHostRegister call
-ROUTES = ("auto", "register", "staged", "plain")
+ROUTES = ("auto", "staged", "register", "hybrid", "plain")
+RING_PINNING = "register"  # how the staging ring is pinned: "register" (malloc + cudaHostRegister) or "alloc"
 MIN_FAST_BYTES = 8 << 20  # below this one plain copy is as quick as setting up threads and pins
 STAGING_BUFFERS = 2  # per thread: one being filled while the GPU drains the other
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: we only read, and Ray may map the store read-only
@@ -56,10 +62,11 @@ def settings(
     threads: int | None = None, chunk_bytes: int | None = None, pin_chunk_bytes: int | None = None
 ) -> tuple[int, int, int]:
     """(staging threads, staging chunk bytes, pin chunk bytes): explicit values, else the environment,
-    else the defaults: ``min(8, cpu_count)`` threads (the copy is memory-bound and short: a burst of
-    a few threads is what makes a load fast), 8 MiB staging buffers, 64 MiB pinned per call."""
-    threads = threads or int(os.environ.get(THREADS_ENV) or 0) or min(8, os.cpu_count() or 1)
-    chunk_bytes = chunk_bytes or _env_mb(CHUNK_ENV) or (8 << 20)
+    else the defaults: ``min(6, cpu_count)`` threads (the copy is memory-bound and short: a burst of
+    a few threads is what makes a load fast; 8, 12 and 16 measured slower), 4 MiB staging buffers,
+    64 MiB pinned per call."""
+    threads = threads or int(os.environ.get(THREADS_ENV) or 0) or min(6, os.cpu_count() or 1)
+    chunk_bytes = chunk_bytes or _env_mb(CHUNK_ENV) or (4 << 20)
     pin_chunk_bytes = pin_chunk_bytes or _env_mb(PIN_CHUNK_ENV) or (64 << 20)
     return max(1, threads), max(1 << 16, chunk_bytes), max(_PAGE, pin_chunk_bytes // _PAGE * _PAGE)
 
@@ -78,10 +85,10 @@ def copy_to_device(
     Args:
         buf: the bytes (typically a view of Ray's object store).
         device: a CUDA device of this process.
-        route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``): pin in place and stage at once;
-            ``register``: pin in place only; ``staged``: pinned staging only; ``plain``: ``buf.to(device)``.
-        threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(8, cores)).
-        chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 8 MiB).
+        route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``; currently ``staged``): see the module
+            docstring for ``staged``, ``register``, ``hybrid``; ``plain`` is ``buf.to(device)``.
+        threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
+        chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
         pin_chunk_bytes: bytes pinned per call (default ``$RAY_ZEROCOPY_H2D_PIN_CHUNK_MB`` or 64 MiB).
 
     Returns:
@@ -105,7 +112,7 @@ def copy_to_device(
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)
     threads, chunk_bytes, pin_chunk_bytes = settings(threads, chunk_bytes, pin_chunk_bytes)
     cursor = _Cursor(buf.numel())
-    pinner = _Pinner(buf, dst, cursor, pin_chunk_bytes) if route != "staged" else None
+    pinner = _Pinner(buf, dst, cursor, pin_chunk_bytes) if route in ("register", "hybrid") else None
     try:
         if route != "register":
             _stage(buf, dst, cursor, threads, chunk_bytes)
@@ -180,8 +187,8 @@ class _Cudart:
         self.error_name = lib.cudaGetErrorName
         self.error_name.restype = ctypes.c_char_p
 
-    def pin(self, ptr: int, size: int) -> None:
-        err = self.register(ptr, size, _READ_ONLY)
+    def pin(self, ptr: int, size: int, flags: int = _READ_ONLY) -> None:
+        err = self.register(ptr, size, flags)
         if err:
             self.last_error()  # clear this thread's sticky "last error" so no later torch call trips on it
             raise PinError(f"cudaHostRegister: {self.error_name(err).decode()} ({err})")
@@ -262,12 +269,43 @@ def _stage(src: torch.Tensor, dst: torch.Tensor, cursor: _Cursor, threads: int, 
     each one as soon as it is full, and the buffer is refilled once that copy has finished."""
     nbuf = STAGING_BUFFERS * threads
     try:
-        ring = torch.empty((nbuf, chunk_bytes), dtype=torch.uint8, pin_memory=True)
-    except RuntimeError as exc:  # pinned memory refused (memlock limits, out of memory)
+        with _pinned_ring(nbuf, chunk_bytes) as ring:
+            _stream_through(ring, src, dst, cursor, threads)
+    except _NoPinnedMemory as exc:
         _log_once(f"pinned staging buffers could not be allocated ({exc}); using plain pageable copies")
         while (rng := cursor.take_front(chunk_bytes)) is not None:
             dst[rng[0] : rng[1]].copy_(src[rng[0] : rng[1]])
-        return
+
+
+class _NoPinnedMemory(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _pinned_ring(nbuf: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """``nbuf`` pinned staging buffers: ordinary memory pinned with cudaHostRegister (8x cheaper than
+    cudaHostAlloc on the measured machine), else torch's pinned allocator; unpinned and freed after."""
+    if RING_PINNING == "register":
+        ring = torch.empty((nbuf, chunk_bytes), dtype=torch.uint8)
+        try:
+            _get_cudart().pin(ring.data_ptr(), ring.nbytes, flags=0)  # written by the CPU: not read-only
+        except PinError as exc:
+            _log_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
+        else:
+            try:
+                yield ring
+            finally:
+                _get_cudart().unregister(ring.data_ptr())
+            return
+    try:
+        ring = torch.empty((nbuf, chunk_bytes), dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as exc:  # memlock limits, out of memory
+        raise _NoPinnedMemory(str(exc)) from exc
+    yield ring
+
+
+def _stream_through(ring: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, cursor: _Cursor, threads: int) -> None:
+    nbuf, chunk_bytes = ring.shape
     stream = _side_stream(dst)
     pending: deque[tuple[Any, int, int, int]] = deque()  # (fill future, slot, lo, hi) in DMA order
 
@@ -282,15 +320,17 @@ def _stage(src: torch.Tensor, dst: torch.Tensor, cursor: _Cursor, threads: int, 
             pending.append((pool.submit(fill, slot, *rng, free), slot, *rng))
 
     with ThreadPoolExecutor(threads, thread_name_prefix="rzc-stage") as pool:
-        for slot in range(nbuf):
-            submit(slot, None)
-        with torch.cuda.stream(stream):
-            while pending:
-                fut, slot, lo, hi = pending.popleft()
-                fut.result()
-                dst[lo:hi].copy_(ring[slot, : hi - lo], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-                submit(slot, event)
-        stream.synchronize()
+        try:
+            for slot in range(nbuf):
+                submit(slot, None)
+            with torch.cuda.stream(stream):
+                while pending:
+                    fut, slot, lo, hi = pending.popleft()
+                    fut.result()
+                    dst[lo:hi].copy_(ring[slot, : hi - lo], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    submit(slot, event)
+        finally:
+            stream.synchronize()  # the ring may be unpinned and freed only after its last DMA
     torch.cuda.current_stream(dst.device).wait_stream(stream)

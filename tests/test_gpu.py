@@ -50,7 +50,7 @@ def _store_buffer(nbytes: int) -> tuple[ray.ObjectRef, torch.Tensor]:
 
 
 @needs_cuda
-@pytest.mark.parametrize("route", ["auto", "register", "staged", "plain"])
+@pytest.mark.parametrize("route", ["auto", "staged", "register", "hybrid", "plain"])
 @pytest.mark.parametrize("nbytes", [0, 4099, (9 << 20) + 123, (37 << 20) + 5])
 def test_copy_routes_are_byte_exact(ray_gpu, route, nbytes, caplog):
     """Small chunks and 3 threads: many chunks, odd sizes, a start that is not page-aligned."""
@@ -79,8 +79,8 @@ def test_pinned_range_falls_back_cleanly(ray_gpu, caplog):
     _cuda._warned.clear()
     try:
         with caplog.at_level(logging.WARNING, logger="ray_zerocopy"):
-            out = _cuda.copy_to_device(buf, torch.device("cuda"), route="auto", threads=4, chunk_bytes=4 << 20)
-            out2 = _cuda.copy_to_device(buf, torch.device("cuda"), route="auto", threads=4, chunk_bytes=4 << 20)
+            out = _cuda.copy_to_device(buf, torch.device("cuda"), route="register", threads=4, chunk_bytes=4 << 20)
+            out2 = _cuda.copy_to_device(buf, torch.device("cuda"), route="hybrid", threads=4, chunk_bytes=4 << 20)
     finally:
         assert cudart.unregister(mid) == 0
     assert torch.equal(out.cpu(), buf) and torch.equal(out2.cpu(), buf)
