@@ -22,6 +22,7 @@ from ray_zerocopy.errors import (
     DeviceError,
     FormatVersionError,
     InvalidModelRefError,
+    LoadDtypeError,
     NoModelsError,
     NotAModuleError,
     WeightsLostError,
@@ -129,6 +130,7 @@ def load_model_in_actor(
     use_fast_load: bool = False,
     *,
     private_copy: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
 
@@ -139,6 +141,10 @@ def load_model_in_actor(
         use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).
         private_copy: give this actor its own writable copy of the CPU weights (for models that
             write them in place); by default shared weights are write-protected (see ``guard.py``).
+        dtype: convert floating-point weights and buffers to this dtype on load (e.g. store float32,
+            load ``torch.float16`` on a GPU). On a GPU the stored bytes are copied first and converted
+            on the device, so the host holds no extra copy; on the CPU the converted tensors are
+            private to this actor (not shared). Integer and bool tensors are never converted.
 
     Returns:
         The model in eval mode, with ``requires_grad=False`` weights and ties restored.
@@ -149,20 +155,24 @@ def load_model_in_actor(
         UnknownBackendError: the ref's backend is not installed in this process.
         FormatVersionError: the payload was written by an incompatible backend version.
         DeviceError: ``device`` is not visible here.
+        LoadDtypeError: ``dtype`` is not a floating-point torch dtype.
         WeightsLostError: the weights are gone (their owner died, or they were lost or evicted).
         SharedWeightWriteError: (later, from a call) the model wrote into its shared weights.
 
     Example:
         >>> model = load_model_in_actor(ref, device="cuda")  # doctest: +SKIP
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LoadDtypeError(dtype)
     try:
-        return _load(model_ref, device, backend, use_fast_load, private_copy)
+        return _load(model_ref, device, backend, use_fast_load, private_copy, dtype)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
         raise WeightsLostError(exc) from exc
 
 
 def _load(
     model_ref: Any, device: Any, backend: str | None, use_fast_load: bool, private_copy: bool,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     ref = _as_model_ref(model_ref)
     if backend is not None and backend != ref.backend:
@@ -173,10 +183,23 @@ def _load(
         raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)
     with torch.inference_mode(False):
         tensors = chosen.get(ref.payload, dev)
+        if dtype is not None:
+            tensors = _cast_floating(tensors, dtype)
     if private_copy:
         tensors = private_copies(tensors)
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
     return model if private_copy or dev.type != "cpu" else guard_model(model, chosen.shared_memory_marker)
+
+
+def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``dtype=`` on load: convert floating-point tensors where they now are (on the GPU after the raw copy)."""
+    out = {}
+    for name, t in tensors.items():
+        new = t.to(dtype) if t.is_floating_point() else t
+        if new.device.type != "cpu" and new.untyped_storage().nbytes() > new.nbytes:
+            new = new.clone()  # a view of a transport's raw device buffer would keep all of it alive
+        out[name] = new
+    return out
 
 
 def _model_attr_names(pipeline: object, names: Sequence[str] | None) -> list[str]:
@@ -253,13 +276,14 @@ def load_pipeline_in_actor(
     use_fast_load: bool = False,
     *,
     private_copy: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Any:
     """Rebuild a pipeline from :func:`rewrite_pipeline_for_actors` inside an actor.
 
     Args:
         skeleton: the pipeline skeleton (or an ObjectRef to it).
         model_refs: ``{attribute name: ModelRef}`` (or an ObjectRef to it).
-        device, backend, use_fast_load, private_copy: as for :func:`load_model_in_actor`.
+        device, backend, use_fast_load, private_copy, dtype: as for :func:`load_model_in_actor`.
 
     Returns:
         A shallow copy of the skeleton with every model loaded (shared models loaded once).
@@ -277,7 +301,8 @@ def load_pipeline_in_actor(
         ref = _as_model_ref(ref)
         if id(ref) not in loaded:
             loaded[id(ref)] = load_model_in_actor(
-                ref, device=device, backend=backend, use_fast_load=use_fast_load, private_copy=private_copy
+                ref, device=device, backend=backend, use_fast_load=use_fast_load, private_copy=private_copy,
+                dtype=dtype,
             )
         _set_attr(pipeline, name, loaded[id(ref)])
     return pipeline
