@@ -104,7 +104,7 @@ def _own_version_counters(model: torch.nn.Module) -> list[tuple[str, torch.Tenso
     names its tensor; same memory, ties kept (one new object per old one). Returns them by name."""
     fresh: dict[int, torch.Tensor] = {}
     out = []
-    for prefix, module in model.named_modules(remove_duplicate=False):
+    for prefix, module in model.named_modules():  # a module reachable twice is one object: one visit
         for slots in (module._parameters, module._buffers):
             for key, t in slots.items():
                 if t is None or t.device.type != "cpu":

@@ -25,7 +25,7 @@ WIDTH, DEPTH, ACTORS = 8192, 32, 4  # 32 x 8192 x 8192 x 2 bytes = 4 GiB
 @pytest.fixture(scope="module")
 def big_store():
     ray.shutdown()
-    ray.init(num_cpus=ACTORS, object_store_memory=int(4.5 * GiB), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=ACTORS, object_store_memory=int(4.5 * GiB), include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ TIMEOUT = 180  # seconds: a hang fails the test instead of the CI job
 def small_store(tmp_path_factory):
     ray.shutdown()
     spill = tmp_path_factory.mktemp("spill")
-    ray.init(num_cpus=2, object_store_memory=STORE, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=STORE, include_dashboard=False, log_to_driver=False,
              _system_config={"object_spilling_config": f'{{"type": "filesystem", "params": {{"directory_path": "{spill}"}}}}'})
     try:
         yield spill
