@@ -18,7 +18,8 @@ import ray
 
 HERE = Path(__file__).parent
 FAKE_BACKEND = "fake_per_tensor"
-RAY_INIT = dict(num_cpus=8, object_store_memory=1536 * 1024**2, include_dashboard=False, log_to_driver=False)
+# address="local": never join a cluster that someone started on this machine with `ray start`
+RAY_INIT = dict(address="local", num_cpus=8, object_store_memory=1536 * 1024**2, include_dashboard=False, log_to_driver=False)
 
 
 def _install_fake_backend() -> str:
