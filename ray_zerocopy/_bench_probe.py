@@ -29,23 +29,35 @@ from ray_zerocopy._bench_approaches import (
 STORE_MARKER = "plasma"
 
 
-def process_memory(pid: int | str = "self") -> dict[str, int]:
-    """PSS and USS of a process in bytes, outside the object store's mapping (and ``store_pss`` inside it)."""
+def process_memory(files_marker: str | None = None) -> dict[str, Any]:
+    """This process's PSS and USS in bytes outside the object store's mapping (``store_pss``: inside it).
+
+    Mappings of files whose path contains ``files_marker`` (the weights of an mmap loader) are left
+    out too and returned as ``files`` (path -> size): their page cache is counted once per node.
+    """
     pss = uss = store = 0
-    in_store = False
-    with open(f"/proc/{pid}/smaps") as f:
+    files: dict[str, int] = {}
+    skip = in_store = False
+    with open("/proc/self/smaps") as f:
         for line in f:
             key, _, rest = line.partition(":")
             if " " not in key:  # a field line ("Pss:     12 kB")
                 if key == "Pss":
                     kb = int(rest.split()[0]) * 1024
                     store += kb if in_store else 0
-                    pss += 0 if in_store else kb
-                elif key in ("Private_Clean", "Private_Dirty") and not in_store:
+                    pss += 0 if skip else kb
+                elif key in ("Private_Clean", "Private_Dirty") and not skip:
                     uss += int(rest.split()[0]) * 1024
             else:  # a mapping header ("7f..-7f.. rw-s 0000 00:1b 46  /dev/shm/plasmaX (deleted)")
                 in_store = STORE_MARKER in line
-    return {"pss": pss, "uss": uss, "store_pss": store}
+                parts = line.split(maxsplit=5)
+                path = parts[5].strip() if len(parts) == 6 else ""  # anonymous mappings have no path
+                in_files = bool(files_marker) and files_marker in path and not in_store
+                if in_files:
+                    path = path.removesuffix(" (deleted)")
+                    files[path] = os.path.getsize(path) if os.path.exists(path) else 0
+                skip = in_store or in_files
+    return {"pss": pss, "uss": uss, "store_pss": store, "files": files}
 
 
 def _statm() -> tuple[int, int]:
@@ -154,12 +166,12 @@ class BenchActor:
         """Seconds to load (``wrapped[0]`` is the handle; a list keeps Ray from resolving its refs)."""
         return self._load(approach, wrapped[0])
 
-    def run_and_measure(self) -> dict[str, int]:
-        """Run the loaded model once (touching every weight), then the memory it added to this process."""
+    def run_and_measure(self, files_marker: str | None) -> dict[str, Any]:
+        """Run the loaded model once, then the memory it added to this process (see :func:`process_memory`)."""
         self.out = run_model(self.model, self.ids)
         gc.collect()
-        now = process_memory()
-        return {k: now[k] - self.base[k] for k in now}
+        now = process_memory(files_marker)
+        return {k: now[k] - self.base[k] if k != "files" else now[k] for k in now}
 
     def check(self, reference_path: str) -> float:
         """Max abs difference between this model's output and the original weights' output, both here."""

@@ -27,7 +27,7 @@ def summarize(result: dict[str, Any], model_bytes: int, device: str) -> None:
             result[f"{phase}_p10_s"], result[f"{phase}_p90_s"] = _quantile(times, 0.1), _quantile(times, 0.9)
     pss = result.get("actor_pss_added_bytes")
     if pss:
-        result["node_bytes"] = result.get("store_bytes", 0) + sum(pss)
+        result["node_bytes"] = result.get("store_bytes", 0) + result.get("mapped_file_bytes", 0) + sum(pss)
         result["node_x_model"] = result["node_bytes"] / model_bytes
         result["actor_uss_median_bytes"] = statistics.median(result["actor_uss_added_bytes"])
     if device != "cpu" and result.get("warm_median_s"):
@@ -81,8 +81,9 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     )
     notes = [
         "cold: first load in each fresh actor process (one at a time); warm: later loads in the same actors.",
-        "node mem x: (object-store bytes + sum of the actors' added PSS outside the store) / model unique bytes,",
-        "  with every actor holding the model after one forward pass; disk files sit in the page cache.",
+        "node mem x: (object-store bytes + bytes of files the actors map their weights from, each once + sum of",
+        "  the actors' added PSS outside those) / model unique bytes, every actor holding the model after one forward.",
+        "  Files just written sit in the page cache (best case for disk loaders; torch_load's cache is not counted).",
         "USS/actor: private bytes an actor added; drv peak: driver's private peak during prepare;",
         "max|diff|: output vs the original weights, both computed in the same actor.",
     ]

@@ -158,7 +158,9 @@ def _describe(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(cause).__name__
 
 
-def _measure_actors(name: str, opts: Options, ctx: Context, handle: Any, res: dict[str, Any]) -> None:
+def _measure_actors(
+    name: str, opts: Options, ctx: Context, handle: Any, res: dict[str, Any], files_marker: str | None
+) -> None:
     actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
     actors = [actor_cls.remote(opts.spec, opts.device) for _ in range(opts.actors)]
     try:
@@ -168,7 +170,9 @@ def _measure_actors(name: str, opts: Options, ctx: Context, handle: Any, res: di
         wrapped = [handle]
         progress(f"  {name}: cold loads in {opts.actors} fresh actors")
         res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors]  # one at a time: no contention
-        mem = ray.get([a.run_and_measure.remote() for a in actors])
+        mem = ray.get([a.run_and_measure.remote(files_marker) for a in actors])
+        files = {path: size for m in mem for path, size in m["files"].items()}
+        res["mapped_file_bytes"] = sum(files.values())  # page cache the actors' weights live in, once
         res["actor_pss_added_bytes"] = [m["pss"] for m in mem]
         res["actor_uss_added_bytes"] = [m["uss"] for m in mem]
         res["actor_store_pss_bytes"] = [m["store_pss"] for m in mem]
@@ -178,6 +182,16 @@ def _measure_actors(name: str, opts: Options, ctx: Context, handle: Any, res: di
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def _files_marker(name: str, adir: str) -> str | None:
+    """Path substring of the files an approach's actors map their weights from (None: the object store)."""
+    if name.startswith(OURS_PREFIX):
+        from ray_zerocopy.plugins import get_backend
+
+        marker = get_backend(name[len(OURS_PREFIX):]).shared_memory_marker
+        return None if marker == "plasma" else marker
+    return adir
 
 
 def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context) -> dict[str, Any]:
@@ -198,7 +212,7 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
         res["store_bytes"] = object_bytes(prepared.refs)
         res["file_bytes"] = sum(os.path.getsize(f) for f in prepared.files)
         progress(f"  {name}: prepared in {res['prepare_s']:.2f} s")
-        _measure_actors(name, opts, ctx, prepared.handle, res)
+        _measure_actors(name, opts, ctx, prepared.handle, res, _files_marker(name, adir))
         res["ok"] = True
     except Exception as exc:  # an approach that cannot handle the model is a result, not a crash
         res["error"] = _describe(exc)
