@@ -129,7 +129,15 @@ def split_model(model: torch.nn.Module) -> SplitModel:
             aliases[name] = first
         ids[id(t)] = (first, is_param)
         keep_alive.append(t)
-    return SplitModel(_pickle_skeleton(model, ids), weights, aliases, layouts)
+    modes = [(m, m.training) for m in model.modules()]
+    try:  # pickle the skeleton in eval mode without calling train(): the caller's model is left as it was
+        for m, _ in modes:
+            m.training = False
+        skeleton = _pickle_skeleton(model, ids)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return SplitModel(skeleton, weights, aliases, layouts)
 
 
 class _SkeletonPickler(cloudpickle.Pickler):
@@ -185,20 +193,37 @@ def rebuild_model(
     tensors: Mapping[str, torch.Tensor],
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
     as_parameters: bool = True,
+    placed: dict[PersistentId, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """Unpickle ``skeleton`` with its weights taken from ``tensors`` (no copy); eval mode, no grad.
 
     ``layouts`` restores the strides of permuted tensors (see :func:`split_model`). With
     ``as_parameters=False`` parameters stay plain tensors (skips the ``nn.Parameter`` wrap).
+    If ``placed`` is a dict, every CPU weight gets a version counter of its own (views of one
+    buffer share one, so a write could not be traced to its tensor) and ``placed`` receives
+    each object put into the model, by persistent id: the write guard needs both.
     """
+
+    shared_bases: set[int] = set()
+    if placed is not None:  # views of one base share its version counter: those need a fresh TensorImpl
+        seen: set[int] = set()
+        for t in tensors.values():
+            key = id(t._base) if t._base is not None else id(t)
+            (shared_bases if key in seen else seen).add(key)
 
     def load(pid: PersistentId) -> torch.Tensor:
         name, is_param = pid
         t = tensors[name]
         if name in layouts:
             t = t.as_strided(*layouts[name])
+        if t._base is not None and id(t._base) in shared_bases and t.device.type == "cpu":  # same memory
+            t = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
         return torch.nn.Parameter(t, requires_grad=False) if is_param and as_parameters else t
 
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
-        model = _SkeletonUnpickler(io.BytesIO(skeleton), load).load()
-    return model.eval()
+        unpickler = _SkeletonUnpickler(io.BytesIO(skeleton), load)
+        model = unpickler.load()
+    if placed is not None:
+        placed.update(unpickler._cache)
+    # the skeleton was pickled in eval mode (see split_model); a module's own train() may be slow
+    return model if not any(m.training for m in model.modules()) else model.eval()

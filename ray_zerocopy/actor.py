@@ -187,8 +187,11 @@ def _load(
             tensors = _cast_floating(tensors, dtype)
     if private_copy:
         tensors = private_copies(tensors)
-    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
-    return model if private_copy or dev.type != "cpu" else guard_model(model, chosen.shared_memory_marker)
+    if private_copy or dev.type != "cpu":
+        return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
+    placed: dict = {}
+    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
+    return guard_model(model, chosen.shared_memory_marker, [(name, t) for (name, _), t in placed.items()])
 
 
 def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -67,6 +67,18 @@ def shared_mappings(marker: str = "plasma") -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in out]
 
 
+_mappings: dict[str, list[tuple[int, int]]] = {}
+
+
+def _cached_mappings(marker: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """:func:`shared_mappings`, re-read only when a span lies outside what was read before
+    (reading ``/proc/self/maps`` of a Ray worker costs milliseconds; Ray's store stays mapped)."""
+    maps = _mappings.get(marker)
+    if maps is None or not all(any(a <= lo and hi <= b for a, b in maps) for lo, hi in spans if hi > lo):
+        maps = _mappings[marker] = shared_mappings(marker)
+    return maps
+
+
 def split_pages(
     spans: Iterable[tuple[int, int]], mappings: list[tuple[int, int]]
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -166,7 +178,9 @@ class _Guard:
                 ctypes.memmove(lo, data, hi - lo)
 
 
-def guard_model(model: torch.nn.Module, marker: str = "plasma") -> torch.nn.Module:
+def guard_model(
+    model: torch.nn.Module, marker: str = "plasma", tensors: list[tuple[str, torch.Tensor]] | None = None
+) -> torch.nn.Module:
     """Make ``model``'s shared CPU weights read-only and report in-place writes; returns ``model``.
 
     Called by :func:`~ray_zerocopy.load_model_in_actor` unless ``private_copy=True``.
@@ -176,6 +190,8 @@ def guard_model(model: torch.nn.Module, marker: str = "plasma") -> torch.nn.Modu
     Args:
         model: a model rebuilt from shared-memory views.
         marker: substring of the ``/proc/self/maps`` path of that memory (``Backend.shared_memory_marker``).
+        tensors: ``(name, tensor)`` of every weight object in the model, each with a version counter of
+            its own (``rebuild_model(..., placed=...)`` makes them); found and re-made when omitted.
 
     Returns:
         The same model, with hooks attached and its shared pages protected.
@@ -186,9 +202,9 @@ def guard_model(model: torch.nn.Module, marker: str = "plasma") -> torch.nn.Modu
     Example:
         >>> model = guard_model(rebuild_model(skeleton, tensors, layouts))  # doctest: +SKIP
     """
-    tensors = _own_version_counters(model)
-    spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for _, t in tensors]
-    pages, edges = split_pages(spans, shared_mappings(marker))
+    tensors = _own_version_counters(model) if tensors is None else tensors
+    spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for _, t in tensors if t.device.type == "cpu"]
+    pages, edges = split_pages(spans, _cached_mappings(marker, spans))
     if pages and _protect(pages):
         # Before the views go (Ray may then reuse these pages for this process's own objects),
         # make them writable again; the finalizer holds the tensors, so they outlive it.
