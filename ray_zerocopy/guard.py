@@ -208,7 +208,7 @@ def guard_model(
     if pages and _protect(pages):
         # Before the views go (Ray may then reuse these pages for this process's own objects),
         # make them writable again; the finalizer holds the tensors, so they outlive it.
-        weakref.finalize(model, _unprotect, pages, [t for _, t in tensors], park=True)
+        weakref.finalize(model, _unprotect, pages, [t for _, t in tensors])
     guard = model._rzc_guard = _Guard(tensors, edges)
     model.register_forward_pre_hook(guard.enter)
     model.register_forward_hook(guard.exit, always_call=True)  # also after an exception
@@ -229,41 +229,13 @@ def _protect(ranges: Iterable[tuple[int, int]]) -> bool:
     return True
 
 
-_parked: list[tuple[list[tuple[int, int]], tuple]] = []  # the last released ranges, still read-only
-
-
-def _unprotect(ranges: Iterable[tuple[int, int]], *keep_alive: object, park: bool = False) -> None:
-    """Drop one hold on each range; a range nobody holds becomes writable again.
-
-    With ``park`` (a model's weight pages, when the model goes) such ranges stay read-only instead,
-    "parked" with the buffers that keep their object alive (so Ray cannot hand those pages to a new
-    object), until the next parked release: reloading the same model then costs no ``mprotect`` of
-    its touched pages (~40 ms/GB). At most one released model's buffers stay pinned this way.
-    """
-    released = []
+def _unprotect(ranges: Iterable[tuple[int, int]], *keep_alive: object) -> None:
+    """Drop one hold on each range; the last one makes it writable again."""
     for r in ranges:
         _protected[r] -= 1
         if not _protected[r]:
-            released.append(r)
-    if released and not park:
-        for r in released:
             del _protected[r]
-        _mprotect(released, _PROT_READ | _PROT_WRITE)
-    elif released:
-        _release_parked()
-        for r in released:
-            _protected[r] = 1  # the park's hold
-        _parked.append((released, keep_alive))
-
-
-def _release_parked() -> None:
-    while _parked:
-        ranges, _ = _parked.pop()
-        for r in ranges:
-            _protected[r] -= 1
-            if not _protected[r]:
-                del _protected[r]
-                _mprotect([r], _PROT_READ | _PROT_WRITE)
+            _mprotect([r], _PROT_READ | _PROT_WRITE)
 
 
 def private_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
