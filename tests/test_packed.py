@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ray_zerocopy import PayloadError
 from ray_zerocopy._tensors import split_model
-from ray_zerocopy.backends import packed
+from ray_zerocopy.backends import packed, safetensors_blob
 from ray_zerocopy.testing import _merged_mappings, dtype_zoo, zoo_model
 
 
@@ -75,16 +75,18 @@ def test_empty_model_round_trips(ray_local):
     assert backend.get(backend.put({}), torch.device("cpu")) == {}
 
 
-def test_device_load_copies_the_whole_buffer_once(ray_local, monkeypatch):
+@pytest.mark.parametrize("module, cls", [(packed, "PackedBackend"), (safetensors_blob, "SafetensorsBackend")])
+def test_device_load_copies_the_whole_buffer_once(ray_local, monkeypatch, module, cls):
+    """Single-buffer transports hand the whole buffer to buffer_to_device once, then slice views."""
     calls = []
 
     def spy(buf, device):
         calls.append((buf.numel(), device))
         return buf.to(device)
 
-    monkeypatch.setattr(packed, "buffer_to_device", spy)
+    monkeypatch.setattr(module, "buffer_to_device", spy)
     weights = dtype_zoo()
-    backend = packed.PackedBackend()
+    backend = getattr(module, cls)()
     payload = backend.put(weights)
     got = backend.get(payload, torch.device("meta"))  # a non-CPU device this machine has
     assert calls == [(payload.nbytes, torch.device("meta"))]
