@@ -14,7 +14,16 @@ from typing import Mapping
 import ray
 import torch
 
-from ray_zerocopy import Backend, hookimpl, quiet_readonly, spec_of, tensor_from_bytes, tensor_to_bytes, to_device
+from ray_zerocopy import (
+    Backend,
+    hookimpl,
+    quiet_readonly,
+    spec_of,
+    tensor_from_bytes,
+    tensor_to_bytes,
+    tensors_in_arrays,
+    to_device,
+)
 
 
 @dataclass(frozen=True)
@@ -32,9 +41,10 @@ class ObjectStoreBackend(Backend):
 
     def get(self, payload: ObjectStorePayload, device: torch.device) -> dict[str, torch.Tensor]:
         arrays = ray.get(payload.ref)
+        if device.type == "cpu":
+            return tensors_in_arrays(arrays, payload.specs)
         with quiet_readonly():
-            tensors = {k: tensor_from_bytes(arrays[k], *spec) for k, spec in payload.specs.items()}
-        return to_device(tensors, device)
+            return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in payload.specs.items()}, device)
 
 
 @hookimpl

@@ -25,7 +25,7 @@ from ray_zerocopy import (
     dtype_name,
     hookimpl,
     quiet_readonly,
-    tensor_from_bytes,
+    tensors_in_buffer,
 )
 
 ALIGN = 64  # bytes; a cache line, and what Ray guarantees for the buffer start
@@ -104,8 +104,8 @@ class PackedBackend(Backend):
         if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or len(buf) != payload.nbytes:
             raise PayloadError(None, f"stored object is not the {payload.nbytes}-byte uint8 buffer that was put")
         with quiet_readonly():
-            if device.type == "cpu":  # a numpy slice per tensor: no torch view chain, its own version counter
-                return {name: tensor_from_bytes(buf[off : off + size], dtype, shape) for name, dtype, shape, off, size in entries}
+            if device.type == "cpu":
+                return tensors_in_buffer(buf, [(name, dtype, shape, off) for name, dtype, shape, off, _ in entries])
             base = buffer_to_device(torch.from_numpy(buf), device)
         return {name: base[off : off + size].view(dtype).view(shape) for name, dtype, shape, off, size in entries}
 

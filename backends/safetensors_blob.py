@@ -24,7 +24,7 @@ from ray_zerocopy import (
     buffer_to_device,
     hookimpl,
     quiet_readonly,
-    tensor_from_bytes,
+    tensors_in_buffer,
     tensor_to_bytes,
 )
 
@@ -190,9 +190,8 @@ class SafetensorsBackend(Backend):
             raise PayloadError(None, f"stored object is not the {payload.nbytes}-byte uint8 blob that was put")
         data_start, entries = parse_blob(blob)
         with quiet_readonly():
-            if device.type == "cpu":  # a numpy slice per tensor: no torch view chain, its own version counter
-                return {name: tensor_from_bytes(blob[data_start + begin : data_start + end], dtype, shape)
-                        for name, dtype, shape, begin, end in entries}
+            if device.type == "cpu":
+                return tensors_in_buffer(blob, [(name, dtype, shape, data_start + begin) for name, dtype, shape, begin, _ in entries])
             base = torch.from_numpy(blob)
         return views(buffer_to_device(base, device), data_start, entries)
 

@@ -15,6 +15,8 @@ from ray_zerocopy.backend import (
     spec_of,
     tensor_from_bytes,
     tensor_to_bytes,
+    tensors_in_arrays,
+    tensors_in_buffer,
     to_device,
 )
 from ray_zerocopy.errors import (
@@ -68,6 +70,8 @@ __all__ = [
     "spec_of",
     "tensor_from_bytes",
     "tensor_to_bytes",
+    "tensors_in_arrays",
+    "tensors_in_buffer",
     "to_device",
 ]
 

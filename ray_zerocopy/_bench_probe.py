@@ -132,7 +132,7 @@ class BenchActor:
     """A fresh worker process that loads the model with one approach and reports times and memory.
 
     ``__init__`` imports what every approach needs (torch, the model's transformers module,
-    safetensors), so a cold load measures the load itself, not Python imports.
+    safetensors, ray_zerocopy), so a cold load measures the load itself, not Python imports.
     """
 
     def __init__(self, spec: ModelSpec, device: str) -> None:
@@ -140,6 +140,8 @@ class BenchActor:
         # zero-copy views of read-only memory make torch warn once per process; not what is measured
         warnings.filterwarnings("ignore", message=r"The given (NumPy array|buffer) is not writable")
         import safetensors.torch  # noqa: F401
+
+        import ray_zerocopy  # noqa: F401
 
         build_model(spec, meta=True)  # imports the transformers model module
         self.spec, self.device = spec, device

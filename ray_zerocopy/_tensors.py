@@ -225,5 +225,6 @@ def rebuild_model(
         model = unpickler.load()
     if placed is not None:
         placed.update(unpickler._cache)
-    # the skeleton was pickled in eval mode (see split_model); a module's own train() may be slow
-    return model if not any(m.training for m in model.modules()) else model.eval()
+    # every module was pickled in eval mode (see split_model): a root in train mode means a
+    # __setstate__ of its own changed that; walking all modules per load would cost more than eval()
+    return model.eval() if model.training else model

@@ -27,8 +27,8 @@ from ray_zerocopy.errors import (
     NotAModuleError,
     WeightsLostError,
 )
-from ray_zerocopy.guard import guard_model, private_copies
-from ray_zerocopy.plugins import get_backend
+from ray_zerocopy.guard import guard_model, norm_layers, private_copies, readonly_views
+from ray_zerocopy.plugins import backend_infos, get_backend
 
 DEFAULT_BACKEND = "object_store"
 
@@ -45,6 +45,7 @@ class ModelRef:
         nbytes: bytes of unique weight data (tied tensors counted once).
         aliases: other names of tied tensors -> the name they are stored under.
         layouts: (shape, stride) of permuted tensors, stored flat in memory order.
+        norm_layers: names of the norm layers with running statistics (the write guard watches them).
     """
 
     skeleton: bytes = field(repr=False)
@@ -54,6 +55,7 @@ class ModelRef:
     nbytes: int
     aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    norm_layers: tuple[str, ...] = field(default=(), repr=False)
 
 
 def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> ModelRef:
@@ -79,11 +81,13 @@ def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACK
     """
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(model)
+    backend_infos()  # discover every plugin here, in the driver: one that clashes with a built-in fails now
     chosen = get_backend(backend)
     split = split_model(model)
     payload = chosen.put(split.weights)
     nbytes = sum(t.nbytes for t in split.weights.values())
-    return ModelRef(split.skeleton, payload, chosen.name, chosen.format_version, nbytes, split.aliases, split.layouts)
+    return ModelRef(split.skeleton, payload, chosen.name, chosen.format_version, nbytes, split.aliases, split.layouts,
+                    norm_layers(model))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -190,8 +194,9 @@ def _load(
     if private_copy or dev.type != "cpu":
         return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
     placed: dict = {}
+    tensors = readonly_views(tensors, chosen.shared_memory_marker)
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
-    return guard_model(model, chosen.shared_memory_marker, [(name, t) for (name, _), t in placed.items()])
+    return guard_model(model, [(name, t) for (name, _), t in placed.items()], ref.norm_layers)
 
 
 def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

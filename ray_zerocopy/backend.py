@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -92,6 +92,60 @@ def tensor_from_bytes(buf: Any, dtype: str | torch.dtype, shape: tuple[int, ...]
         return torch.from_numpy(buf.view(np_dtype).reshape(shape))
     raw = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else torch.frombuffer(buf, dtype=torch.uint8)
     return raw.view(dtype).view(shape)
+
+
+def tensors_in_buffer(
+    buf: np.ndarray, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]], marker: str = "plasma"
+) -> dict[str, torch.Tensor]:
+    """Contiguous tensors ``(name, dtype, shape, byte offset)`` over one uint8 numpy buffer. No copy.
+
+    Where the buffer lies in Ray's shared memory (``marker``) the tensors see it through a
+    read-only mapping, so an in-place write faults instead of changing every actor's weights
+    (see ``guard.py``); each tensor has a version counter of its own. The fast CPU path of
+    one-buffer backends (``packed``, ``safetensors``).
+    """
+    from ray_zerocopy.guard import readonly_storage
+
+    addr, storages, out = buf.ctypes.data, {}, {}
+    for name, dtype, shape, offset in entries:
+        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+        first = offset % dtype.itemsize  # a storage starting here puts every element at a whole index
+        storage = storages.get(first)
+        if storage is None:
+            storage = readonly_storage(addr + first, buf.nbytes - first, buf, marker)
+            if storage is None:  # private memory: a plain view
+                with quiet_readonly():
+                    storage = torch.from_numpy(buf[first:]).untyped_storage()
+            storages[first] = storage
+        out[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+    return out
+
+
+def tensors_in_arrays(
+    arrays: Mapping[str, np.ndarray], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
+    marker: str = "plasma",
+) -> dict[str, torch.Tensor]:
+    """:func:`tensor_from_bytes` of ``arrays[name]`` with ``specs[name]`` (dtype, shape) for every name,
+    read-only (as :func:`tensors_in_buffer`) where the arrays lie in one shared mapping, such as
+    the arrays of one object in Ray's store. No copy. The CPU path of the ``object_store`` backend.
+    """
+    from ray_zerocopy.guard import readonly_storage
+
+    addrs = {k: arrays[k].__array_interface__["data"][0] for k in specs if arrays[k].nbytes}
+    shared = lo = None
+    if addrs:
+        lo = min(addrs.values()) // 64 * 64  # Ray aligns each array of an object to 64 bytes
+        shared = readonly_storage(lo, max(a + arrays[k].nbytes for k, a in addrs.items()) - lo, arrays, marker)
+    out = {}
+    for name, (dtype, shape) in specs.items():
+        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+        index, rest = divmod(addrs[name] - lo, dtype.itemsize) if shared is not None and name in addrs else (0, 1)
+        if rest:  # private memory, an empty tensor or an unaligned element: a plain view
+            with quiet_readonly():
+                out[name] = tensor_from_bytes(arrays[name], dtype, shape)
+        else:
+            out[name] = torch.empty(0, dtype=dtype).set_(shared, index, shape)
+    return out
 
 
 # torch dtypes numpy has too (bfloat16 and fp8 have no numpy twin: they take the torch view path)

@@ -2,108 +2,178 @@
 
 A model loaded on the CPU holds views of the node's shared object store, which Ray maps
 writable: an in-place write (``weight.add_(...)``, a BatchNorm in train mode) would change
-the weights of every actor on the node. :func:`guard_model` stops that three ways:
+the weights of every actor on the node. The guard stops that three ways:
 
-* pages that lie wholly inside the weight buffers are made read-only (``mprotect``), so a
-  write there faults (the writing process dies; the shared copy stays intact) instead of
-  corrupting other actors; the rest (a buffer's first and last partial page, copies that a
-  backend made outside shared memory) is covered by the next two checks, and the shared
-  partial pages are put back from a private copy (a few KiB) when a write is detected;
+* :func:`readonly_views` points every weight at a read-only twin of Ray's mapping (the same
+  shared pages mapped a second time with ``mremap``, then ``mprotect``-ed once while still
+  empty), so a write faults (the writing process dies; the shared copy stays intact) instead
+  of corrupting other actors. Ray's own mapping is never touched, and the twin lives as long
+  as the process: a reload costs no system call at all;
 * a forward pre-hook on every norm layer with shared running statistics raises before a
   train-mode call writes them (these kernels do not bump the version counter);
 * a forward hook on the root compares every weight's version counter after each call and
-  raises :class:`~ray_zerocopy.errors.SharedWeightWriteError` naming module and tensor.
+  raises :class:`~ray_zerocopy.errors.SharedWeightWriteError` naming module and tensor (the
+  only check where no twin can be made: not Linux, or a backend's copy outside shared memory).
 
 Models that must write load with ``private_copy=True``: the actor gets its own copy.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
-import mmap
+import logging
 import weakref
-from typing import Iterable
+from typing import NamedTuple, Sequence
 
 import torch
 
 from ray_zerocopy.errors import SharedWeightWriteError
 
-PAGE = mmap.PAGESIZE
-_PROT_READ, _PROT_WRITE = 1, 2
-_MERGE_GAP = 64  # Ray aligns arrays in one object to 64 bytes: smaller gaps are padding of that object
+log = logging.getLogger(__name__)
+_PROT_READ, _MREMAP_MAYMOVE = 1, 1
 _libc = None
-_protected: dict[tuple[int, int], int] = {}  # page range -> how many guards hold it read-only now
 
 
-def _mprotect(ranges: Iterable[tuple[int, int]], prot: int) -> bool:
-    """``mprotect`` each page-aligned ``[lo, hi)``; False where the platform cannot (not Linux/libc)."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return all(_libc.mprotect(lo, hi - lo, prot) == 0 for lo, hi in ranges)
-    except (OSError, AttributeError):
-        return False
+class _Mapping(NamedTuple):
+    start: int
+    end: int
+    target: bool  # a writable shared mapping whose path holds the marker
+    file: str  # "device inode": which file it maps (a mapping replaced at the same addresses differs)
 
 
-def shared_mappings(marker: str = "plasma") -> list[tuple[int, int]]:
-    """``(start, end)`` of this process's shared mappings whose path contains ``marker`` (Ray's store)."""
-    out: list[list[int]] = []
+class _Twin:
+    """A read-only second mapping of the pages of one shared mapping, and how many storages use it."""
+
+    def __init__(self, mapping: _Mapping, addr: int | None) -> None:
+        self.mapping, self.addr, self.users, self.checked = mapping, addr, 0, True
+
+    def release(self) -> None:
+        self.users -= 1
+        self.checked = self.users > 0  # unused, Ray may unmap what it twins: check before the next use
+
+
+_twins: dict[tuple[int, int], _Twin] = {}  # by the (start, end) of the mapping it twins
+_maps: dict[str, tuple[list[int], list[_Mapping]]] = {}  # marker -> last read of /proc/self/maps
+
+
+def _read_maps(marker: str) -> tuple[list[int], list[_Mapping]]:
+    """Every mapping of this process, sorted, and their starts (for bisect)."""
+    entries = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                if marker not in line:  # most of ~1000 lines: skip them before the costly split
-                    continue
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[1][3] == "s" and marker in parts[5]:
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    if out and out[-1][1] == lo:  # our own mprotect splits one mapping into several lines
-                        out[-1][1] = hi
-                    else:
-                        out.append([lo, hi])
-    except OSError:  # no /proc: no page protection, the version checks still run
+                span, perms, _, dev, inode, _ = line.split(" ", 5)
+                lo, hi = span.split("-")
+                target = perms[1] == "w" and perms[3] == "s" and marker in line
+                entries.append(_Mapping(int(lo, 16), int(hi, 16), target, f"{dev} {inode}"))
+    except OSError:  # no /proc: no read-only twin, the version checks still run
         pass
-    return [(lo, hi) for lo, hi in out]
+    entries.sort()
+    _maps[marker] = [e.start for e in entries], entries
+    return _maps[marker]
 
 
-_mappings: dict[str, list[tuple[int, int]]] = {}
+def _mapping_at(marker: str, lo: int, fresh: bool) -> _Mapping | None:
+    starts, entries = _read_maps(marker) if fresh or marker not in _maps else _maps[marker]
+    i = bisect.bisect_right(starts, lo) - 1
+    return entries[i] if i >= 0 and lo < entries[i].end else None
 
 
-def _cached_mappings(marker: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """:func:`shared_mappings`, re-read only when a span lies outside what was read before
-    (reading ``/proc/self/maps`` of a Ray worker costs milliseconds; Ray's store stays mapped)."""
-    maps = _mappings.get(marker)
-    if maps is None or not all(any(a <= lo and hi <= b for a, b in maps) for lo, hi in spans if hi > lo):
-        maps = _mappings[marker] = shared_mappings(marker)
-    return maps
+def _twin_of(marker: str, lo: int, hi: int) -> _Twin | None:
+    """The read-only twin of the writable shared mapping of ``marker`` holding ``[lo, hi)``; None for
+    private memory, read-only mappings and twins, or where no twin can be made.
 
-
-def split_pages(
-    spans: Iterable[tuple[int, int]], mappings: list[tuple[int, int]]
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(pages, edges)`` of the weight bytes ``spans`` that lie in shared memory.
-
-    Spans closer than 64 bytes are merged (padding between the arrays of one object), so
-    small tensors packed together are covered too. ``pages``: whole pages inside a merged
-    span (never one that another object, or this process's own future ``ray.put``, could
-    share). ``edges``: the rest of each span (at most a partial page at either end).
+    ``/proc/self/maps`` (about a millisecond in a Ray worker) is read again only for an address in
+    no mapping seen before, or when a twin has lost its last user: Ray unmaps a fallback allocation
+    once unused and may map another at the same addresses, so such a twin is checked against the
+    mapping now there and unmapped if that is gone (it would show stale pages and hold them).
     """
-    merged: list[list[int]] = []
-    for lo, hi in sorted(s for s in spans if s[1] > s[0] and any(a <= s[0] and s[1] <= b for a, b in mappings)):
-        if merged and lo - merged[-1][1] < _MERGE_GAP:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    pages, edges = [], []
-    for lo, hi in merged:
-        first, last = -(-lo // PAGE) * PAGE, hi // PAGE * PAGE
-        if last > first:
-            pages.append((first, last))
-            edges += [e for e in ((lo, first), (last, hi)) if e[1] > e[0]]
-        else:
-            edges.append((lo, hi))
-    return pages, edges
+    if any(t.addr and t.addr <= lo < t.addr + t.mapping.end - t.mapping.start for t in _twins.values()):
+        return None  # already read-only
+    fresh = any(not t.checked for t in _twins.values())
+    mapping = _mapping_at(marker, lo, fresh) or (None if fresh else _mapping_at(marker, lo, True))
+    for key, twin in list(_twins.items()) if fresh else ():
+        now = _mapping_at(marker, twin.mapping.start, False)
+        twin.checked = now == twin.mapping
+        if not twin.checked:
+            if twin.addr:
+                _libc.munmap(twin.addr, twin.mapping.end - twin.mapping.start)
+            del _twins[key]
+    if mapping is None or not mapping.target or hi > mapping.end:
+        return None
+    twin = _twins.get(mapping[:2])
+    if twin is None:
+        twin = _twins[mapping[:2]] = _Twin(mapping, _make_twin(mapping.start, mapping.end))
+    return twin if twin.addr else None
+
+
+def _make_twin(lo: int, hi: int) -> int | None:
+    """Map the pages of the shared mapping ``[lo, hi)`` a second time, read-only; its address or None."""
+    global _libc
+    addr = None
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.mremap.restype = ctypes.c_void_p
+            _libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int)
+            _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        # old_size 0 on a shared mapping: a new mapping of the same pages (mremap(2)); still empty,
+        # so making it read-only walks no page table
+        addr = _libc.mremap(lo, 0, hi - lo, _MREMAP_MAYMOVE)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            addr = None
+        elif _libc.mprotect(addr, hi - lo, _PROT_READ) != 0:
+            _libc.munmap(addr, hi - lo)
+            addr = None
+    except (OSError, AttributeError):  # no libc/mremap (not Linux)
+        pass
+    if addr is None:
+        log.warning("ray_zerocopy: cannot map shared weights read-only here; in-place writes are "
+                    "detected after each call (version counters) instead of refused")
+    return addr
+
+
+def readonly_storage(lo: int, nbytes: int, keep: object, marker: str = "plasma") -> torch.UntypedStorage | None:
+    """A storage over the ``nbytes`` at address ``lo`` seen through the read-only twin of their shared
+    mapping, holding ``keep`` (what keeps those bytes alive: Ray pins an object while its buffer lives).
+    None where the bytes are not in a writable shared mapping of ``marker`` or no twin can be made."""
+    twin = _twin_of(marker, lo, lo + nbytes) if nbytes else None
+    if twin is None:
+        return None
+    raw = (ctypes.c_char * nbytes).from_address(twin.addr + lo - twin.mapping.start)
+    raw.keep = keep
+    twin.users += 1
+    weakref.finalize(raw, twin.release)
+    return torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
+
+
+def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> dict[str, torch.Tensor]:
+    """The same tensors, those in a writable shared mapping of ``marker`` re-pointed at its read-only twin.
+
+    Same bytes, shapes, strides and ties, no copy; each re-pointed tensor is a view of one
+    storage over the span of all of them, with a version counter of its own. Others (private
+    memory, read-only mappings, tensors already read-only) are returned as they are.
+    """
+    spans: dict[int, list[str]] = {}
+    for name, t in tensors.items():
+        if t.is_cpu and t.nbytes:
+            s = t.untyped_storage()
+            twin = _twin_of(marker, s.data_ptr(), s.data_ptr() + s.nbytes())
+            if twin is not None:
+                spans.setdefault(twin.mapping.start, []).append(name)
+    out = dict(tensors)
+    for names in spans.values():
+        olds = [tensors[n].untyped_storage() for n in names]
+        lo = min(s.data_ptr() for s in olds) // 64 * 64  # a whole number of elements from here to every tensor
+        span = readonly_storage(lo, max(s.data_ptr() + s.nbytes() for s in olds) - lo, olds, marker)
+        for name in names if span is not None else ():
+            t = tensors[name]
+            offset, rest = divmod(t.data_ptr() - lo, t.element_size())
+            if not rest:  # (an element not aligned to its size keeps its old, writable view)
+                out[name] = torch.empty(0, dtype=t.dtype).set_(span, offset, t.shape, t.stride())
+    return out
 
 
 def _owner(name: str, model: torch.nn.Module) -> tuple[str, str]:
@@ -132,23 +202,16 @@ def _own_version_counters(model: torch.nn.Module) -> list[tuple[str, torch.Tenso
 
 
 class _Guard:
-    """Per-model state: weight versions, shared partial pages, and a copy of their bytes."""
+    """Per-model state: every weight with the version it had when loaded."""
 
-    def __init__(self, tensors: list[tuple[str, torch.Tensor]], edges: list[tuple[int, int]]) -> None:
+    def __init__(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.versions = [(name, t, t._version) for name, t in tensors]
-        self.edges = edges
-        self.saved = [ctypes.string_at(lo, hi - lo) for lo, hi in edges]
-        # Partial pages are shared with neighbouring objects that this process may write (its own
-        # ray.put, task returns): read-only only while the model runs, when nothing else writes.
-        self.edge_pages = sorted({(lo // PAGE * PAGE, lo // PAGE * PAGE + PAGE) for lo, _ in edges}
-                                 | {((hi - 1) // PAGE * PAGE, (hi - 1) // PAGE * PAGE + PAGE) for _, hi in edges})
-        self.running = 0
 
     def __deepcopy__(self, memo: dict) -> _Guard:  # a deep copy of the model is private memory: nothing to guard
-        return _Guard([], [])
+        return _Guard([])
 
     def __reduce__(self) -> tuple:  # likewise a pickled-and-loaded copy
-        return _Guard, ([], [])
+        return _Guard, ([],)
 
     def refuse_train_mode(self, module: torch.nn.Module, args: object) -> None:
         """Pre-hook of norm layers: their train-mode kernels update running stats without a version bump."""
@@ -157,85 +220,50 @@ class _Guard:
             raise SharedWeightWriteError(name, type(module).__name__, f"{name}.running_mean" if name else "running_mean",
                                          "was called in train mode, which updates its running statistics in place")
 
-    def enter(self, model: torch.nn.Module, *_: object) -> None:
-        if self.edge_pages and not self.running:
-            _protect(self.edge_pages)
-        self.running += 1
-
-    def exit(self, model: torch.nn.Module, *_: object) -> None:
-        self.running -= 1
-        if self.edge_pages and not self.running:
-            _unprotect(self.edge_pages)
+    def check(self, model: torch.nn.Module, *_: object) -> None:
         for name, t, version in self.versions:
             if t._version != version:
-                self.restore()
                 raise SharedWeightWriteError(*_owner(name, model), name, "changed it in place")
 
-    def restore(self) -> None:
-        """Put back shared bytes that a write reached outside the protected pages (between calls)."""
-        for (lo, hi), data in zip(self.edges, self.saved):
-            if ctypes.string_at(lo, hi - lo) != data:
-                ctypes.memmove(lo, data, hi - lo)
+
+def norm_layers(model: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the norm layers whose running statistics a train-mode call would update in place."""
+    return tuple(name for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats)
 
 
 def guard_model(
-    model: torch.nn.Module, marker: str = "plasma", tensors: list[tuple[str, torch.Tensor]] | None = None
+    model: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]] | None = None, norms: Sequence[str] | None = None,
 ) -> torch.nn.Module:
-    """Make ``model``'s shared CPU weights read-only and report in-place writes; returns ``model``.
+    """Report in-place writes into ``model``'s shared CPU weights; returns ``model``.
 
-    Called by :func:`~ray_zerocopy.load_model_in_actor` unless ``private_copy=True``.
-    The cost per call: one version-counter read per tensor and two ``mprotect`` calls per
-    partial page (measured by ``python -m ray_zerocopy bench``).
+    Called by :func:`~ray_zerocopy.load_model_in_actor` unless ``private_copy=True``, after
+    :func:`readonly_views` made the shared weights read-only. The cost per call: one
+    version-counter read per tensor (measured by ``python -m ray_zerocopy bench``).
 
     Args:
         model: a model rebuilt from shared-memory views.
-        marker: substring of the ``/proc/self/maps`` path of that memory (``Backend.shared_memory_marker``).
         tensors: ``(name, tensor)`` of every weight object in the model, each with a version counter of
             its own (``rebuild_model(..., placed=...)`` makes them); found and re-made when omitted.
+        norms: :func:`norm_layers` of the model (``ModelRef.norm_layers``); found when omitted.
 
     Returns:
-        The same model, with hooks attached and its shared pages protected.
+        The same model, with hooks attached.
 
     Raises:
         SharedWeightWriteError: later, from a call that wrote into a weight.
 
     Example:
-        >>> model = guard_model(rebuild_model(skeleton, tensors, layouts))  # doctest: +SKIP
+        >>> model = guard_model(rebuild_model(skeleton, readonly_views(tensors), layouts))  # doctest: +SKIP
     """
     tensors = _own_version_counters(model) if tensors is None else tensors
-    spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for _, t in tensors if t.device.type == "cpu"]
-    pages, edges = split_pages(spans, _cached_mappings(marker, spans))
-    if pages and _protect(pages):
-        # Before the views go (Ray may then reuse these pages for this process's own objects),
-        # make them writable again; the finalizer holds the tensors, so they outlive it.
-        weakref.finalize(model, _unprotect, pages, [t for _, t in tensors])
-    guard = model._rzc_guard = _Guard(tensors, edges)
-    model.register_forward_pre_hook(guard.enter)
-    model.register_forward_hook(guard.exit, always_call=True)  # also after an exception
-    for name, sub in model.named_modules():
-        if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats:
-            sub._rzc_name = name
-            sub.register_forward_pre_hook(guard.refuse_train_mode)
+    guard = model._rzc_guard = _Guard([(name, t) for name, t in tensors if t.device.type == "cpu"])
+    model.register_forward_hook(guard.check, always_call=True)  # also after an exception
+    for name in norm_layers(model) if norms is None else norms:
+        sub = model.get_submodule(name)
+        sub._rzc_name = name
+        sub.register_forward_pre_hook(guard.refuse_train_mode)
     return model
-
-
-def _protect(ranges: Iterable[tuple[int, int]]) -> bool:
-    """Make ``ranges`` read-only, counting holders (two models may share weights, or nest calls)."""
-    fresh = [r for r in ranges if not _protected.get(r)]
-    if not _mprotect(fresh, _PROT_READ):
-        return False
-    for r in ranges:
-        _protected[r] = _protected.get(r, 0) + 1
-    return True
-
-
-def _unprotect(ranges: Iterable[tuple[int, int]], *keep_alive: object) -> None:
-    """Drop one hold on each range; the last one makes it writable again."""
-    for r in ranges:
-        _protected[r] -= 1
-        if not _protected[r]:
-            del _protected[r]
-            _mprotect([r], _PROT_READ | _PROT_WRITE)
 
 
 def private_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

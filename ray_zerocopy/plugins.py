@@ -21,11 +21,12 @@ from ray_zerocopy.backend import Backend
 from ray_zerocopy.errors import DuplicateBackendError, UnknownBackendError
 
 DISABLE_AUTOLOAD_ENV = "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"
-BUILTIN_PLUGINS = (
-    "ray_zerocopy.backends.object_store",
-    "ray_zerocopy.backends.safetensors_blob",
-    "ray_zerocopy.backends.packed",
-)
+BUILTINS = {  # backend name -> plugin module
+    "object_store": "ray_zerocopy.backends.object_store",
+    "safetensors": "ray_zerocopy.backends.safetensors_blob",
+    "packed": "ray_zerocopy.backends.packed",
+}
+BUILTIN_PLUGINS = tuple(BUILTINS.values())
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,12 @@ def get_backend(name: str) -> Backend:
         UnknownBackendError: no plugin in this process registers ``name``.
     """
     backend = _instances.get(name)
+    if backend is None and _backends is None and name in BUILTINS:
+        # no plugin can take a built-in's name (DuplicateBackendError): an actor loading a built-in
+        # needs no entry-point scan, the costliest part of a first load in a fresh process
+        found: list[type[Backend]] = []
+        importlib.import_module(BUILTINS[name]).register_backends(register=found.append)
+        backend = _instances[name] = found[0]()
     if backend is None:
         infos = backend_infos()
         if name not in infos:

@@ -96,20 +96,44 @@ def test_private_copy_lets_a_model_write(ray_local, backend):
     assert torch.equal(load_model_in_actor(ref).inner.blocks[0][1].running_mean, original)
 
 
-def test_guard_unprotects_when_the_model_goes(ray_local):
-    """Pages go back to writable when the model dies: Ray may reuse them for this process's objects."""
+def test_twin_follows_a_mapping_replaced_at_the_same_addresses(tmp_path):
+    """Ray unmaps a fallback allocation once unused and may map another file at the same addresses:
+    the read-only twin of the old one must never serve its stale pages."""
+    import ctypes
     import gc
+    import mmap
+    import os
 
-    from ray_zerocopy import guard
+    from ray_zerocopy.guard import readonly_storage
 
-    ref = prepare_model_for_actors(zoo_model("hard_cases"))
-    before = set(guard._protected)  # models of earlier tests may still be alive in this process
-    model = load_model_in_actor(ref)
-    mine = set(guard._protected) - before
-    assert mine  # something was protected
-    del model
-    gc.collect()
-    assert not mine & set(guard._protected)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    size, marker = 4 * mmap.PAGESIZE, f"rzc-twin-test-{os.getpid()}"
+    fds = []
+    for letter in b"AB":
+        path = f"/dev/shm/{marker}-{chr(letter)}" if os.path.isdir("/dev/shm") else str(tmp_path / f"{marker}-{letter}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, bytes([letter]) * size)
+        os.unlink(path)
+        fds.append(fd)
+    shared, fixed = mmap.MAP_SHARED, 0x10  # MAP_FIXED: replace whatever is mapped there
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, shared, fds[0], 0)
+    try:
+        first = readonly_storage(addr + 64, 128, None, marker)
+        assert first is not None and bytes(first) == b"A" * 128
+        del first
+        gc.collect()
+        assert libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE, shared | fixed, fds[1], 0) == addr
+        second = readonly_storage(addr + 64, 128, None, marker)
+        assert second is not None and bytes(second) == b"B" * 128  # not the stale "A" pages
+        private = ctypes.create_string_buffer(4096)
+        assert readonly_storage(ctypes.addressof(private), 4096, None, marker) is None  # not shared: no twin
+    finally:
+        libc.munmap(addr, size)
+        for fd in fds:
+            os.close(fd)
 
 
 def test_version_check_names_module_and_tensor_where_pages_are_not_protected():
