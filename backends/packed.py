@@ -9,6 +9,7 @@ tensors are sliced out of the device copy: one large transfer instead of hundred
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -89,6 +90,12 @@ def check_index(index: object, nbytes: int) -> list[tuple[str, torch.dtype, tupl
     return checked
 
 
+@functools.lru_cache(maxsize=16)
+def _checked_index(index: tuple, nbytes: int) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """:func:`check_index`, once per distinct index: a reload in the same process skips it."""
+    return check_index(index, nbytes)
+
+
 class PackedBackend(Backend):
     name = "packed"
 
@@ -99,7 +106,10 @@ class PackedBackend(Backend):
     def get(self, payload: PackedPayload, device: torch.device) -> dict[str, torch.Tensor]:
         if not isinstance(payload, PackedPayload):
             raise PayloadError(None, f"expected a PackedPayload, got {type(payload).__qualname__}")
-        entries = check_index(payload.index, payload.nbytes)
+        try:
+            entries = _checked_index(payload.index, payload.nbytes)
+        except TypeError:  # unhashable: malformed, check_index names what is wrong
+            entries = check_index(payload.index, payload.nbytes)
         buf = ray.get(payload.ref)
         if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or len(buf) != payload.nbytes:
             raise PayloadError(None, f"stored object is not the {payload.nbytes}-byte uint8 buffer that was put")

@@ -20,9 +20,11 @@ Models that must write load with ``private_copy=True``: the actor gets its own c
 
 from __future__ import annotations
 
-import bisect
 import ctypes
+import errno
+import fcntl
 import logging
+import os
 import weakref
 from typing import NamedTuple, Sequence
 
@@ -32,79 +34,89 @@ from ray_zerocopy.errors import SharedWeightWriteError
 
 log = logging.getLogger(__name__)
 _PROT_READ, _MREMAP_MAYMOVE = 1, 1
+_PROCMAP_QUERY = 0xC0686611  # _IOWR('f', 17, struct procmap_query): Linux 6.11+
 _libc = None
 
 
-class _Mapping(NamedTuple):
+class _Vma(NamedTuple):
     start: int
     end: int
     target: bool  # a writable shared mapping whose path holds the marker
-    file: str  # "device inode": which file it maps (a mapping replaced at the same addresses differs)
+    file: tuple  # which file, where: a mapping replaced at the same addresses differs here
+
+
+class _Query(ctypes.Structure):  # struct procmap_query of <linux/fs.h>
+    _fields_ = ([(n, ctypes.c_uint64) for n in ("size", "query_flags", "query_addr", "vma_start", "vma_end",
+                                                "vma_flags", "vma_page_size", "vma_offset", "inode")]
+                + [(n, ctypes.c_uint32) for n in ("dev_major", "dev_minor", "vma_name_size", "build_id_size")]
+                + [(n, ctypes.c_uint64) for n in ("vma_name_addr", "build_id_addr")])
+
+
+_query: list = []  # [fd of /proc/self/maps, _Query, name buffer] once PROCMAP_QUERY worked; None if it cannot
+
+
+def _vma(addr: int, marker: str) -> _Vma | None:
+    """The mapping holding ``addr`` (None: unmapped or no /proc). One ``PROCMAP_QUERY`` ioctl (a few
+    microseconds); where the kernel lacks it, a scan of ``/proc/self/maps`` (a millisecond or more)."""
+    if _query != [None]:
+        try:
+            if not _query:
+                name = ctypes.create_string_buffer(4096)
+                _query[:] = [os.open("/proc/self/maps", os.O_RDONLY), _Query(size=ctypes.sizeof(_Query)), name]
+            fd, q, name = _query
+            q.query_addr, q.vma_name_size, q.vma_name_addr = addr, len(name), ctypes.addressof(name)
+            fcntl.ioctl(fd, _PROCMAP_QUERY, q)
+            target = q.vma_flags & 10 == 10 and marker in name.value.decode(errors="replace")  # writable, shared
+            return _Vma(q.vma_start, q.vma_end, target, (q.dev_major, q.dev_minor, q.inode, q.vma_offset))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            _query[:] = [None]
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, perms, offset, dev, inode, _ = line.split(" ", 5)
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= addr < hi:
+                    target = perms[1] == "w" and perms[3] == "s" and marker in line
+                    return _Vma(lo, hi, target, (dev, int(inode), int(offset, 16)))
+    except OSError:  # no /proc: no read-only twin, the version checks still run
+        pass
+    return None
 
 
 class _Twin:
     """A read-only second mapping of the pages of one shared mapping, and how many storages use it."""
 
-    def __init__(self, mapping: _Mapping, addr: int | None) -> None:
-        self.mapping, self.addr, self.users, self.checked = mapping, addr, 0, True
+    def __init__(self, vma: _Vma) -> None:
+        self.vma, self.users, self.addr = vma, 0, _make_twin(vma.start, vma.end)
 
     def release(self) -> None:
         self.users -= 1
-        self.checked = self.users > 0  # unused, Ray may unmap what it twins: check before the next use
 
 
 _twins: dict[tuple[int, int], _Twin] = {}  # by the (start, end) of the mapping it twins
-_maps: dict[str, tuple[list[int], list[_Mapping]]] = {}  # marker -> last read of /proc/self/maps
-
-
-def _read_maps(marker: str) -> tuple[list[int], list[_Mapping]]:
-    """Every mapping of this process, sorted, and their starts (for bisect)."""
-    entries = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                span, perms, _, dev, inode, _ = line.split(" ", 5)
-                lo, hi = span.split("-")
-                target = perms[1] == "w" and perms[3] == "s" and marker in line
-                entries.append(_Mapping(int(lo, 16), int(hi, 16), target, f"{dev} {inode}"))
-    except OSError:  # no /proc: no read-only twin, the version checks still run
-        pass
-    entries.sort()
-    _maps[marker] = [e.start for e in entries], entries
-    return _maps[marker]
-
-
-def _mapping_at(marker: str, lo: int, fresh: bool) -> _Mapping | None:
-    starts, entries = _read_maps(marker) if fresh or marker not in _maps else _maps[marker]
-    i = bisect.bisect_right(starts, lo) - 1
-    return entries[i] if i >= 0 and lo < entries[i].end else None
 
 
 def _twin_of(marker: str, lo: int, hi: int) -> _Twin | None:
     """The read-only twin of the writable shared mapping of ``marker`` holding ``[lo, hi)``; None for
-    private memory, read-only mappings and twins, or where no twin can be made.
+    private memory, read-only mappings (twins among them), or where no twin can be made.
 
-    ``/proc/self/maps`` (about a millisecond in a Ray worker) is read again only for an address in
-    no mapping seen before, or when a twin has lost its last user: Ray unmaps a fallback allocation
-    once unused and may map another at the same addresses, so such a twin is checked against the
-    mapping now there and unmapped if that is gone (it would show stale pages and hold them).
+    Twins are kept for reuse (a reload costs no mapping call, and touches no page table). One
+    that nobody uses is dropped once the mapping it twins is gone: Ray unmaps a fallback
+    allocation once unused and may map another at the same addresses later.
     """
-    if any(t.addr and t.addr <= lo < t.addr + t.mapping.end - t.mapping.start for t in _twins.values()):
-        return None  # already read-only
-    fresh = any(not t.checked for t in _twins.values())
-    mapping = _mapping_at(marker, lo, fresh) or (None if fresh else _mapping_at(marker, lo, True))
-    for key, twin in list(_twins.items()) if fresh else ():
-        now = _mapping_at(marker, twin.mapping.start, False)
-        twin.checked = now == twin.mapping
-        if not twin.checked:
+    for key, twin in list(_twins.items()):
+        if not twin.users and _vma(twin.vma.start, marker) != twin.vma:
             if twin.addr:
-                _libc.munmap(twin.addr, twin.mapping.end - twin.mapping.start)
+                _libc.munmap(twin.addr, twin.vma.end - twin.vma.start)
             del _twins[key]
-    if mapping is None or not mapping.target or hi > mapping.end:
+    vma = _vma(lo, marker)
+    if vma is None or not vma.target or hi > vma.end:
         return None
-    twin = _twins.get(mapping[:2])
-    if twin is None:
-        twin = _twins[mapping[:2]] = _Twin(mapping, _make_twin(mapping.start, mapping.end))
+    twin = _twins.get(vma[:2])
+    if twin is None or twin.vma != vma:  # (a replaced mapping still in use cannot be: Ray pins it)
+        twin = _twins[vma[:2]] = _Twin(vma)
     return twin if twin.addr else None
 
 
@@ -142,7 +154,7 @@ def readonly_storage(lo: int, nbytes: int, keep: object, marker: str = "plasma")
     twin = _twin_of(marker, lo, lo + nbytes) if nbytes else None
     if twin is None:
         return None
-    raw = (ctypes.c_char * nbytes).from_address(twin.addr + lo - twin.mapping.start)
+    raw = (ctypes.c_char * nbytes).from_address(twin.addr + lo - twin.vma.start)
     raw.keep = keep
     twin.users += 1
     weakref.finalize(raw, twin.release)
@@ -156,13 +168,16 @@ def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> 
     storage over the span of all of them, with a version counter of its own. Others (private
     memory, read-only mappings, tensors already read-only) are returned as they are.
     """
-    spans: dict[int, list[str]] = {}
+    by_storage: dict[int, list[str]] = {}
     for name, t in tensors.items():
         if t.is_cpu and t.nbytes:
-            s = t.untyped_storage()
-            twin = _twin_of(marker, s.data_ptr(), s.data_ptr() + s.nbytes())
-            if twin is not None:
-                spans.setdefault(twin.mapping.start, []).append(name)
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    spans: dict[int, list[str]] = {}  # names by the mapping they lie in
+    for names in by_storage.values():
+        s = tensors[names[0]].untyped_storage()
+        twin = _twin_of(marker, s.data_ptr(), s.data_ptr() + s.nbytes())
+        if twin is not None:
+            spans.setdefault(twin.vma.start, []).extend(names)
     out = dict(tensors)
     for names in spans.values():
         olds = [tensors[n].untyped_storage() for n in names]
