@@ -8,7 +8,10 @@ its CPU weights being views into the node's shared object store.
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +34,7 @@ from ray_zerocopy.guard import guard_model, norm_layers, private_copies, readonl
 from ray_zerocopy.plugins import backend_infos, get_backend
 
 DEFAULT_BACKEND = "object_store"
+log = logging.getLogger("ray_zerocopy")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class ModelRef:
         aliases: other names of tied tensors -> the name they are stored under.
         layouts: (shape, stride) of permuted tensors, stored flat in memory order.
         norm_layers: names of the norm layers with running statistics (the write guard watches them).
+        uid: unique per prepared model (names its GPU holders when actors share a device copy).
     """
 
     skeleton: bytes = field(repr=False)
@@ -56,6 +61,7 @@ class ModelRef:
     aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
     norm_layers: tuple[str, ...] = field(default=(), repr=False)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> ModelRef:
@@ -135,6 +141,7 @@ def load_model_in_actor(
     *,
     private_copy: bool = False,
     dtype: torch.dtype | None = None,
+    share_gpu: bool = False,
 ) -> torch.nn.Module:
     """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
 
@@ -149,6 +156,10 @@ def load_model_in_actor(
             load ``torch.float16`` on a GPU). On a GPU the stored bytes are copied first and converted
             on the device, so the host holds no extra copy; on the CPU the converted tensors are
             private to this actor (not shared). Integer and bool tensors are never converted.
+        share_gpu: on a CUDA device, map one device copy per physical GPU that every actor loading
+            this ref with ``share_gpu=True`` shares (CUDA IPC, see ``gpu_share.py``), instead of
+            copying the weights into this actor's own device memory. Where that cannot be done it
+            logs one line and loads a private device copy.
 
     Returns:
         The model in eval mode, with ``requires_grad=False`` weights and ties restored.
@@ -169,14 +180,14 @@ def load_model_in_actor(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadDtypeError(dtype)
     try:
-        return _load(model_ref, device, backend, use_fast_load, private_copy, dtype)
+        return _load(model_ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
         raise WeightsLostError(exc) from exc
 
 
 def _load(
     model_ref: Any, device: Any, backend: str | None, use_fast_load: bool, private_copy: bool,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, share_gpu: bool = False,
 ) -> torch.nn.Module:
     ref = _as_model_ref(model_ref)
     if backend is not None and backend != ref.backend:
@@ -185,6 +196,10 @@ def _load(
     chosen = get_backend(ref.backend)
     if chosen.format_version != ref.format_version:
         raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)
+    if share_gpu and not private_copy:
+        shared = _shared_on_gpu(ref, dev, dtype, use_fast_load)
+        if shared is not None:
+            return shared
     with torch.inference_mode(False):
         tensors = chosen.get(ref.payload, dev)
         if dtype is not None:
@@ -197,6 +212,36 @@ def _load(
     tensors = readonly_views(tensors, chosen.shared_memory_marker)
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
     return guard_model(model, [(name, t) for (name, _), t in placed.items()], ref.norm_layers)
+
+
+def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, use_fast_load: bool) -> Any:
+    """The model around the device copy shared by every actor on ``dev``'s GPU; None (and one log
+    line) where it cannot be shared, so the caller loads a private copy."""
+    if dev.type != "cuda":
+        _log_once(f"share_gpu=True has no effect on {dev} (CPU weights are shared host memory anyway)")
+        return None
+    from ray_zerocopy import gpu_share
+
+    try:
+        with torch.inference_mode(False):
+            tensors, holder = gpu_share.attach(ref, dev, dtype)
+    except Exception as exc:  # no CUDA IPC, holder failed to start, ...
+        _log_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
+        return None
+    placed: dict = {}
+    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
+    weakref.finalize(model, gpu_share.release, holder, os.getpid())
+    return guard_model(model, [(name, t) for (name, _), t in placed.items()], ref.norm_layers,
+                       restore=lambda: ray.get(holder.restore.remote()))
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning("ray_zerocopy: %s", message)
 
 
 def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -285,13 +330,14 @@ def load_pipeline_in_actor(
     *,
     private_copy: bool = False,
     dtype: torch.dtype | None = None,
+    share_gpu: bool = False,
 ) -> Any:
     """Rebuild a pipeline from :func:`rewrite_pipeline_for_actors` inside an actor.
 
     Args:
         skeleton: the pipeline skeleton (or an ObjectRef to it).
         model_refs: ``{attribute name: ModelRef}`` (or an ObjectRef to it).
-        device, backend, use_fast_load, private_copy, dtype: as for :func:`load_model_in_actor`.
+        device, backend, use_fast_load, private_copy, dtype, share_gpu: as for :func:`load_model_in_actor`.
 
     Returns:
         A shallow copy of the skeleton with every model loaded (shared models loaded once).
@@ -310,7 +356,7 @@ def load_pipeline_in_actor(
         if id(ref) not in loaded:
             loaded[id(ref)] = load_model_in_actor(
                 ref, device=device, backend=backend, use_fast_load=use_fast_load, private_copy=private_copy,
-                dtype=dtype,
+                dtype=dtype, share_gpu=share_gpu,
             )
         _set_attr(pipeline, name, loaded[id(ref)])
     return pipeline

@@ -26,7 +26,7 @@ import fcntl
 import logging
 import os
 import weakref
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -219,8 +219,9 @@ def _own_version_counters(model: torch.nn.Module) -> list[tuple[str, torch.Tenso
 class _Guard:
     """Per-model state: every weight with the version it had when loaded."""
 
-    def __init__(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, tensors: list[tuple[str, torch.Tensor]], restore: Callable[[], None] | None = None) -> None:
         self.versions = [(name, t, t._version) for name, t in tensors]
+        self.restore = restore  # puts the shared weights back after a write that could not be refused
 
     def __deepcopy__(self, memo: dict) -> _Guard:  # a deep copy of the model is private memory: nothing to guard
         return _Guard([])
@@ -238,6 +239,9 @@ class _Guard:
     def check(self, model: torch.nn.Module, *_: object) -> None:
         for name, t, version in self.versions:
             if t._version != version:
+                if self.restore is not None:
+                    self.restore()
+                    self.versions = [(n, x, x._version) for n, x, _ in self.versions]
                 raise SharedWeightWriteError(*_owner(name, model), name, "changed it in place")
 
 
@@ -249,6 +253,7 @@ def norm_layers(model: torch.nn.Module) -> tuple[str, ...]:
 
 def guard_model(
     model: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]] | None = None, norms: Sequence[str] | None = None,
+    restore: Callable[[], None] | None = None,
 ) -> torch.nn.Module:
     """Report in-place writes into ``model``'s shared CPU weights; returns ``model``.
 
@@ -261,6 +266,9 @@ def guard_model(
         tensors: ``(name, tensor)`` of every weight object in the model, each with a version counter of
             its own (``rebuild_model(..., placed=...)`` makes them); found and re-made when omitted.
         norms: :func:`norm_layers` of the model (``ModelRef.norm_layers``); found when omitted.
+        restore: for weights shared in device memory (which cannot be made read-only): called to
+            put them back when a call wrote into them, before the error is raised. Every tensor
+            is then checked, not only CPU ones.
 
     Returns:
         The same model, with hooks attached.
@@ -272,7 +280,7 @@ def guard_model(
         >>> model = guard_model(rebuild_model(skeleton, readonly_views(tensors), layouts))  # doctest: +SKIP
     """
     tensors = _own_version_counters(model) if tensors is None else tensors
-    guard = model._rzc_guard = _Guard([(name, t) for name, t in tensors if t.device.type == "cpu"])
+    guard = model._rzc_guard = _Guard([(name, t) for name, t in tensors if restore or t.device.type == "cpu"], restore)
     model.register_forward_hook(guard.check, always_call=True)  # also after an exception
     for name in norm_layers(model) if norms is None else norms:
         sub = model.get_submodule(name)

@@ -124,7 +124,7 @@ def tensors_outside_shared_memory(model: nn.Module, marker: str = "plasma") -> l
     Linux only: reads ``/proc/self/maps``. An empty list proves every weight is a view of
     the node's shared memory (no private copy in this process).
     """
-    maps = _merged_mappings(marker)  # the write guard's mprotect splits a mapping into several lines
+    maps = _merged_mappings(marker)  # one mapping may show as several adjacent lines (split by mprotect)
     outside = []
     for name, t in unique_tensors(model):
         if t.device.type != "cpu" or t.nbytes == 0:
@@ -211,7 +211,7 @@ def _marker(backend: object) -> str:
 
 def _merged_mappings(marker: str) -> list[tuple[int, int]]:
     """Shared mappings of ``marker``, adjacent ones of one file merged: ``mprotect`` of part of a
-    mapping (the in-place write guard does it) splits it into several lines of /proc/self/maps."""
+    mapping splits it into several lines of /proc/self/maps."""
     merged: list[tuple[int, int, str]] = []
     for lo, hi, path in sorted(_shared_mappings(marker)):
         if merged and merged[-1][1] == lo and merged[-1][2] == path:

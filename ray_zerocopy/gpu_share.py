@@ -1,0 +1,160 @@
+"""Several actors on one GPU share one device copy of a model's weights (CUDA IPC).
+
+``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
+starts a small holder actor for that model and GPU, which copies the weights from the object
+store to the GPU once (through the fast host-to-device path) and exports CUDA IPC handles; every
+actor on that GPU, the first included, maps the holder's device memory (no copy, no new device
+memory) and rebuilds the model around it.
+
+Lifetimes: the holder owns the device memory. It is detached (it survives the actor that
+started it), on the same node, with no CPU or GPU reserved, and named after the model and the
+GPU's UUID (``CUDA_VISIBLE_DEVICES`` differs from actor to actor, UUIDs do not). It counts its
+users by process id; a user that releases its model or dies (checked every second) stops
+counting, and when none is left for ``LINGER_S`` seconds the holder frees the memory and exits.
+
+Writes: device memory cannot be mapped read-only through CUDA IPC. A write is caught after the
+call by the version counters (as on the host); the holder then restores the weights from the
+object store before :class:`~ray_zerocopy.errors.SharedWeightWriteError` is raised. Norm layers
+in train mode are refused before they write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+log = logging.getLogger("ray_zerocopy")
+NAMESPACE = "ray_zerocopy"
+LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
+ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
+
+
+def gpu_uuid(device: torch.device) -> str:
+    """``GPU-<uuid>`` of a CUDA device of this process (what ``CUDA_VISIBLE_DEVICES`` accepts)."""
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+
+
+@ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)
+class _Holder:
+    """Holds one model's weights on one GPU and hands out CUDA IPC handles to them."""
+
+    def __init__(self, uuid: str, model_ref: Any, dtype: torch.dtype | None) -> None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = uuid  # before CUDA starts here: this GPU is cuda:0
+        from ray_zerocopy.plugins import get_backend
+
+        self.backend, self.ref, self.dtype = get_backend(model_ref.backend), model_ref, dtype
+        t0 = time.perf_counter()
+        self.tensors = self._fetch()
+        torch.cuda.synchronize()
+        self.load_s = time.perf_counter() - t0
+        storages: dict[int, int] = {}
+        self.shared: list[tuple] = []  # one IPC handle per device storage
+        self.specs: dict[str, tuple] = {}  # name -> (storage index, offset, shape, stride, dtype)
+        for name, t in self.tensors.items():
+            s = t.untyped_storage()
+            if s.data_ptr() not in storages:
+                storages[s.data_ptr()] = len(self.shared)
+                self.shared.append(s._share_cuda_())
+            self.specs[name] = (storages[s.data_ptr()], t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        self.users: set[int] = set()
+        self.idle_since = time.monotonic()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _fetch(self) -> dict[str, torch.Tensor]:
+        from ray_zerocopy.actor import _cast_floating
+
+        tensors = self.backend.get(self.ref.payload, torch.device("cuda", 0))
+        return _cast_floating(tensors, self.dtype) if self.dtype is not None else tensors
+
+    def attach(self, pid: int) -> tuple[list[tuple], dict[str, tuple], float]:
+        """Register process ``pid`` as a user; the IPC handles, the tensor layout, and the copy's seconds."""
+        with self.lock:
+            if self.tensors is None:
+                raise RuntimeError("holder is shutting down")
+            self.users.add(pid)
+        return self.shared, self.specs, self.load_s
+
+    def release(self, pid: int) -> None:
+        with self.lock:
+            self.users.discard(pid)
+            if not self.users:
+                self.idle_since = time.monotonic()
+
+    def restore(self) -> None:
+        """Put back the stored weights after a user wrote into them (copied again from the object store)."""
+        fresh = self._fetch()
+        for name, t in self.tensors.items():
+            t.copy_(fresh[name])
+        torch.cuda.synchronize()
+
+    def users_now(self) -> list[int]:
+        return sorted(self.users)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.5)
+            with self.lock:
+                alive = {pid for pid in self.users if _alive(pid)}
+                if alive != self.users:
+                    self.users = alive
+                    self.idle_since = time.monotonic()
+                if self.users or time.monotonic() - self.idle_since < LINGER_S:
+                    continue
+                self.tensors = None  # no user for LINGER_S: give the memory back, then go
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            os._exit(0)  # a detached actor ends itself; Ray frees its name for the next holder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> Any:
+    name = f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}"
+    node = ray.get_runtime_context().get_node_id()
+    return _Holder.options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    ).remote(uuid, model_ref, dtype)
+
+
+def attach(model_ref: Any, device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], Any]:
+    """Device tensors by name that map the holder's copy of ``model_ref``'s weights on ``device``'s GPU,
+    and the holder (to release and restore through). Raises on any failure (the caller falls back)."""
+    uuid = gpu_uuid(device)
+    for attempt in range(ATTACH_TRIES):
+        holder = _holder(model_ref, uuid, dtype)
+        try:
+            shared, specs, _ = ray.get(holder.attach.remote(os.getpid()))
+            break
+        except (ray.exceptions.RayActorError, RuntimeError):  # it was exiting: start another
+            if attempt == ATTACH_TRIES - 1:
+                raise
+    with torch.cuda.device(device):
+        storages = [torch.UntypedStorage._new_shared_cuda(device.index, *h[1:]) for h in shared]
+        out = {name: torch.empty(0, dtype=dt, device=device).set_(storages[i], offset, shape, stride)
+               for name, (i, offset, shape, stride, dt) in specs.items()}
+    return out, holder
+
+
+def release(holder: Any, pid: int) -> None:
+    """Called when a model that maps a holder's memory is collected (its tensors are gone)."""
+    try:
+        holder.release.remote(pid)
+    except Exception:  # Ray already shut down: the holder sees the process go
+        pass

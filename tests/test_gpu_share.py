@@ -1,0 +1,214 @@
+"""Several actors on one GPU share one device copy (issue 7): share_gpu=True, CUDA IPC, holder lifetimes.
+
+The CUDA tests skip where no CUDA device is visible (CI has none) and run on a GPU machine with a
+real Ray; the two-GPU test needs two. The CPU fallback test runs everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+from torch import nn
+
+from ray_zerocopy import SharedWeightWriteError, load_model_in_actor, prepare_model_for_actors
+from ray_zerocopy.gpu_share import NAMESPACE
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+needs_cuda = pytest.mark.skipif(GPUS < 1, reason="no CUDA device visible; GPU tests run only on a GPU machine")
+LAYERS, WIDTH = 16, 4096  # 16 x 64 MiB fp32 = 1 GiB of weights
+
+
+def _big_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=i % 2 == 0) for i in range(LAYERS)]).eval()
+
+
+def _used_gpu_bytes() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def _holders() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == NAMESPACE and a["name"].startswith("rzc-"))
+
+
+@ray.remote(num_gpus=0.25)
+class Sharer:
+    def start_cuda(self) -> str:
+        torch.zeros(1, device="cuda")
+        from ray_zerocopy.gpu_share import gpu_uuid
+
+        return gpu_uuid(torch.device("cuda", 0))
+
+    def load(self, ref, share: bool = True) -> float:
+        t0 = time.perf_counter()
+        self.model = load_model_in_actor(ref, device="cuda", share_gpu=share)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x.cuda()).cpu()
+
+    def write(self, x: torch.Tensor) -> str:
+        try:
+            with torch.no_grad():
+                self.model[0].weight.add_(1)  # an in-place write into the shared device copy...
+                self.model(x.cuda())  # ...is caught after the next call
+        except SharedWeightWriteError as exc:
+            return str(exc)
+        return "no error"
+
+    def drop(self) -> None:
+        self.model = None
+        import gc
+
+        gc.collect()
+
+
+@pytest.fixture
+def ray_gpu(ray_local):
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.fail(f"torch sees {GPUS} CUDA device(s) but Ray reports none")
+    yield
+
+
+def _wait(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return condition()
+
+
+@needs_cuda
+def test_four_actors_on_one_gpu_share_one_copy(ray_gpu, capsys):
+    model = _big_model()
+    nbytes = sum(p.nbytes for p in model.parameters())
+    ref = prepare_model_for_actors(model, backend="packed")
+    x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(1))
+    base = _used_gpu_bytes()
+    actors = [Sharer.remote() for _ in range(4)]
+    uuids = ray.get([a.start_cuda.remote() for a in actors])
+    assert len(set(uuids)) == 1, uuids  # num_gpus=0.25: Ray packs all four onto one GPU
+    contexts = _used_gpu_bytes()
+    first = ray.get(actors[0].load.remote(ref))
+    later = ray.get([a.load.remote(ref) for a in actors[1:]])
+    grown = _used_gpu_bytes() - contexts
+    outs = ray.get([a.run.remote(x) for a in actors])
+    with capsys.disabled():
+        print(f"\n[share_gpu] {nbytes / 2**30:.2f} GiB model, 4 actors on one GPU: device memory +{grown / 2**30:.2f} GiB "
+              f"(holder's CUDA context included); first load {first:.2f} s, later {[round(t, 3) for t in later]} s")
+    assert len(_holders()) == 1
+    assert grown < 2 * nbytes, f"4 sharing actors grew the GPU by {grown / 2**30:.2f} GiB for a {nbytes / 2**30:.2f} GiB model"
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0], model(x), rtol=1e-3, atol=1e-3)
+
+    ray.kill(actors[0])  # the actor that started the holder: the others keep their weights
+    assert all(torch.equal(o, outs[0]) for o in ray.get([a.run.remote(x) for a in actors[1:]]))
+
+    for a in actors[1:]:
+        ray.kill(a)
+    assert _wait(lambda: not _holders()), f"holder still alive after every user died: {_holders()}"
+    assert _wait(lambda: _used_gpu_bytes() < base + (256 << 20)), (
+        f"GPU memory not back: {(_used_gpu_bytes() - base) / 2**20:.0f} MiB above the start")
+
+
+@needs_cuda
+def test_private_copy_control_grows_by_the_model(ray_gpu):
+    """The control for the test above: without share_gpu each actor copies the whole model."""
+    model = _big_model()
+    nbytes = sum(p.nbytes for p in model.parameters())
+    ref = prepare_model_for_actors(model, backend="packed")
+    actors = [Sharer.remote() for _ in range(2)]
+    ray.get([a.start_cuda.remote() for a in actors])
+    before = _used_gpu_bytes()
+    ray.get([a.load.remote(ref, False) for a in actors])
+    assert _used_gpu_bytes() - before > 1.9 * nbytes
+    for a in actors:
+        ray.kill(a)
+
+
+@needs_cuda
+def test_write_into_shared_copy_is_reported_and_undone(ray_gpu, backend):
+    model = _big_model()[:2]
+    ref = prepare_model_for_actors(model, backend=backend)
+    x = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(2))
+    writer, reader = Sharer.remote(), Sharer.remote()
+    ray.get([writer.load.remote(ref), reader.load.remote(ref)])
+    before = ray.get(reader.run.remote(x))
+    message = ray.get(writer.write.remote(x))
+    assert "'0.weight'" in message and "private_copy=True" in message, message
+    assert torch.equal(ray.get(reader.run.remote(x)), before)  # put back from the object store
+    assert torch.equal(ray.get(writer.run.remote(x)), before)
+    for a in (writer, reader):
+        ray.kill(a)
+    assert _wait(lambda: not _holders())
+
+
+@needs_cuda
+def test_dropping_the_model_releases_the_holder(ray_gpu):
+    ref = prepare_model_for_actors(_big_model()[:2])
+    a = Sharer.remote()
+    ray.get(a.load.remote(ref))
+    assert len(_holders()) == 1
+    ray.get(a.drop.remote())  # the actor lives on without the model
+    assert _wait(lambda: not _holders())
+    ray.kill(a)
+
+
+class SharedPredictor:
+    def __init__(self, ref):
+        self.model = load_model_in_actor(ref, device="cuda", share_gpu=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = self.model(torch.as_tensor(batch["x"]).cuda()).cpu().numpy()
+        return {"row": batch["row"], "out": out}
+
+
+@needs_cuda
+def test_ray_data_actor_pool_on_one_gpu(ray_gpu):
+    model = _big_model()[:4]
+    xs = np.random.default_rng(0).standard_normal((32, WIDTH)).astype(np.float32)
+    ref = prepare_model_for_actors(model)
+    ds = ray.data.from_items([{"row": i, "x": xs[i]} for i in range(len(xs))])
+    rows = ds.map_batches(SharedPredictor, fn_constructor_kwargs={"ref": ref}, num_gpus=0.25,
+                          compute=ray.data.ActorPoolStrategy(size=4), batch_size=4).take_all()
+    assert sorted(r["row"] for r in rows) == list(range(len(xs)))
+    got = np.stack([r["out"] for r in sorted(rows, key=lambda r: r["row"])])
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(torch.as_tensor(xs)).numpy(), rtol=1e-3, atol=1e-3)
+    assert _wait(lambda: not _holders())
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
+def test_actors_on_two_gpus_get_one_copy_per_gpu(ray_gpu):
+    ref = prepare_model_for_actors(_big_model()[:2])
+    actors = [Sharer.options(num_gpus=0.5).remote() for _ in range(4)]
+    uuids = ray.get([a.start_cuda.remote() for a in actors])
+    assert len(set(uuids)) == 2, uuids
+    ray.get([a.load.remote(ref) for a in actors])
+    holders = _holders()
+    assert len(holders) == 2 and {u for u in uuids} == {next(u for u in uuids if u in h) for h in holders}
+    for a in actors:
+        ray.kill(a)
+    assert _wait(lambda: not _holders())
+
+
+def test_share_gpu_on_cpu_loads_shared_host_memory_with_one_log_line(ray_local, caplog):
+    ref = prepare_model_for_actors(nn.Linear(8, 4))
+    with caplog.at_level(logging.WARNING, logger="ray_zerocopy"):
+        a = load_model_in_actor(ref, share_gpu=True)
+        b = load_model_in_actor(ref, share_gpu=True)
+    assert a.weight.data_ptr() == b.weight.data_ptr()  # the same shared host memory
+    assert sum("share_gpu=True has no effect on cpu" in r.getMessage() for r in caplog.records) <= 1
