@@ -111,7 +111,11 @@ class _Holder:
                 self.tensors = None  # no user for LINGER_S: give the memory back, then go
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            os._exit(0)  # a detached actor ends itself; Ray frees its name for the next holder
+            ray.get_runtime_context().current_actor.shutdown.remote()  # ends it in its own thread
+            return
+
+    def shutdown(self) -> None:
+        ray.actor.exit_actor()  # a detached actor ends itself; Ray frees its name for the next holder
 
 
 def _alive(pid: int) -> bool:
@@ -145,6 +149,7 @@ def attach(model_ref: Any, device: torch.device, dtype: torch.dtype | None) -> t
         except (ray.exceptions.RayActorError, RuntimeError):  # it was exiting: start another
             if attempt == ATTACH_TRIES - 1:
                 raise
+            time.sleep(0.5)
     with torch.cuda.device(device):
         storages = [torch.UntypedStorage._new_shared_cuda(device.index, *h[1:]) for h in shared]
         out = {name: torch.empty(0, dtype=dt, device=device).set_(storages[i], offset, shape, stride)

@@ -100,12 +100,14 @@ def test_four_actors_on_one_gpu_share_one_copy(ray_gpu, capsys):
     assert len(set(uuids)) == 1, uuids  # num_gpus=0.25: Ray packs all four onto one GPU
     contexts = _used_gpu_bytes()
     first = ray.get(actors[0].load.remote(ref))
+    one = _used_gpu_bytes() - contexts
     later = ray.get([a.load.remote(ref) for a in actors[1:]])
     grown = _used_gpu_bytes() - contexts
     outs = ray.get([a.run.remote(x) for a in actors])
     with capsys.disabled():
-        print(f"\n[share_gpu] {nbytes / 2**30:.2f} GiB model, 4 actors on one GPU: device memory +{grown / 2**30:.2f} GiB "
-              f"(holder's CUDA context included); first load {first:.2f} s, later {[round(t, 3) for t in later]} s")
+        print(f"\n[share_gpu] {nbytes / 2**30:.2f} GiB model on one GPU, device memory beyond the actors' CUDA contexts "
+              f"(the holder's included): 1 actor +{one / 2**30:.2f} GiB, 4 actors +{grown / 2**30:.2f} GiB; "
+              f"first load {first:.2f} s (starts the holder), later {[round(t, 3) for t in later]} s")
     assert len(_holders()) == 1
     assert grown < 2 * nbytes, f"4 sharing actors grew the GPU by {grown / 2**30:.2f} GiB for a {nbytes / 2**30:.2f} GiB model"
     for out in outs[1:]:
