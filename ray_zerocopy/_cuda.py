@@ -41,13 +41,11 @@ ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | staged | register | hybrid | plai
 THREADS_ENV = "RAY_ZEROCOPY_H2D_THREADS"  # staging threads
 CHUNK_ENV = "RAY_ZEROCOPY_H2D_CHUNK_MB"  # staging buffer size
 PIN_CHUNK_ENV = "RAY_ZEROCOPY_H2D_PIN_CHUNK_MB"  # bytes pinned per cudaHostRegister call
-POPULATE_ENV = "RAY_ZEROCOPY_H2D_POPULATE"  # 0: let the staging copy fault pages in itself
 ROUTES = ("auto", "staged", "register", "hybrid", "plain")
 RING_PINNING = "register"  # how the staging ring is pinned: "register" (malloc + cudaHostRegister) or "alloc"
 MIN_FAST_BYTES = 8 << 20  # below this one plain copy is as quick as setting up threads and pins
 STAGING_BUFFERS = 2  # per thread: one being filled while the GPU drains the other
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: we only read, and Ray may map the store read-only
-_PAGE_4K = 4096
 _PAGE = 2 << 20  # pinned chunks start and end on 2 MiB boundaries: no two registrations share a page
 _warned: set[str] = set()
 
@@ -306,31 +304,12 @@ def _pinned_ring(nbuf: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
     yield ring
 
 
-_MADV_POPULATE_READ = 22  # Linux 5.14+
-_madvise: Any = None
-
-
-def _populate(ptr: int, size: int) -> None:
-    """Fault in the page-table entries of ``[ptr, ptr + size)`` for reading (best effort)."""
-    global _madvise
-    if _madvise is None:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise
-        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    lo = ptr - ptr % _PAGE_4K
-    _madvise(lo, ptr + size - lo, _MADV_POPULATE_READ)  # an older kernel says EINVAL: the copy faults instead
-
-
 def _stream_through(ring: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, cursor: _Cursor, threads: int) -> None:
     nbuf, chunk_bytes = ring.shape
     stream = _side_stream(dst)
     pending: deque[tuple[Any, int, int, int]] = deque()  # (fill future, slot, lo, hi) in DMA order
 
-    populate = os.environ.get(POPULATE_ENV, "1") != "0"
-    base = src.data_ptr()
-
     def fill(slot: int, lo: int, hi: int, free: Any) -> None:
-        if populate:  # map the chunk's pages in one call, not one page fault per 16 pages in the copy
-            _populate(base + lo, hi - lo)
         if free is not None:
             free.synchronize()  # the GPU has finished reading this buffer (releases the GIL)
         ring[slot, : hi - lo].copy_(src[lo:hi])
