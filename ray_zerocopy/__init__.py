@@ -1,6 +1,7 @@
 """ray_zerocopy: N Ray actors on a node share one copy of a PyTorch model's weights.
 
-Importing this package loads no plugin; backends are discovered on first use.
+Importing this package imports the built-in backends' modules (a first load in a fresh actor then
+has nothing left to import); third-party plugins (entry points) are discovered on first use.
 """
 
 from __future__ import annotations
@@ -84,3 +85,4 @@ from ray_zerocopy.actor import (  # noqa: E402
     rewrite_pipeline_for_actors,
 )
 from ray_zerocopy.invoke import rewrite_pipeline  # noqa: E402
+from ray_zerocopy.backends import object_store, packed, safetensors_blob  # noqa: E402, F401
