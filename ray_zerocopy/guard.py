@@ -7,8 +7,8 @@ the weights of every actor on the node. The guard stops that three ways:
 * :func:`readonly_views` points every weight at a read-only twin of Ray's mapping (the same
   shared pages mapped a second time with ``mremap``, then ``mprotect``-ed once while still
   empty), so a write faults (the writing process dies; the shared copy stays intact) instead
-  of corrupting other actors. Ray's own mapping is never touched, and the twin lives as long
-  as the process: a reload costs no system call at all;
+  of corrupting other actors. Ray's own mapping is never touched, and the twin is kept: a
+  reload maps nothing and touches no page table (an ioctl or two find the mapping);
 * a forward pre-hook on every norm layer with shared running statistics raises before a
   train-mode call writes them (these kernels do not bump the version counter);
 * a forward hook on the root compares every weight's version counter after each call and
@@ -52,7 +52,7 @@ class _Query(ctypes.Structure):  # struct procmap_query of <linux/fs.h>
                 + [(n, ctypes.c_uint64) for n in ("vma_name_addr", "build_id_addr")])
 
 
-_query: list = []  # [fd of /proc/self/maps, _Query, name buffer] once PROCMAP_QUERY worked; None if it cannot
+_query: list = []  # [pid, fd of its /proc/self/maps, _Query, name buffer]; [None] where PROCMAP_QUERY fails
 
 
 def _vma(addr: int, marker: str) -> _Vma | None:
@@ -60,10 +60,11 @@ def _vma(addr: int, marker: str) -> _Vma | None:
     microseconds); where the kernel lacks it, a scan of ``/proc/self/maps`` (a millisecond or more)."""
     if _query != [None]:
         try:
-            if not _query:
+            if not _query or _query[0] != os.getpid():  # (a forked child must not ask about its parent)
                 name = ctypes.create_string_buffer(4096)
-                _query[:] = [os.open("/proc/self/maps", os.O_RDONLY), _Query(size=ctypes.sizeof(_Query)), name]
-            fd, q, name = _query
+                fd = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
+                _query[:] = [os.getpid(), fd, _Query(size=ctypes.sizeof(_Query)), name]
+            _, fd, q, name = _query
             q.query_addr, q.vma_name_size, q.vma_name_addr = addr, len(name), ctypes.addressof(name)
             fcntl.ioctl(fd, _PROCMAP_QUERY, q)
             target = q.vma_flags & 10 == 10 and marker in name.value.decode(errors="replace")  # writable, shared
@@ -79,7 +80,8 @@ def _vma(addr: int, marker: str) -> _Vma | None:
                 lo, hi = (int(x, 16) for x in span.split("-"))
                 if lo <= addr < hi:
                     target = perms[1] == "w" and perms[3] == "s" and marker in line
-                    return _Vma(lo, hi, target, (dev, int(inode), int(offset, 16)))
+                    major, minor = (int(x, 16) for x in dev.split(":"))
+                    return _Vma(lo, hi, target, (major, minor, int(inode), int(offset, 16)))
     except OSError:  # no /proc: no read-only twin, the version checks still run
         pass
     return None

@@ -96,15 +96,21 @@ def test_private_copy_lets_a_model_write(ray_local, backend):
     assert torch.equal(load_model_in_actor(ref).inner.blocks[0][1].running_mean, original)
 
 
-def test_twin_follows_a_mapping_replaced_at_the_same_addresses(tmp_path):
+@pytest.mark.parametrize("lookup", ["procmap_query", "maps_scan"])
+def test_twin_follows_a_mapping_replaced_at_the_same_addresses(tmp_path, monkeypatch, lookup):
     """Ray unmaps a fallback allocation once unused and may map another file at the same addresses:
-    the read-only twin of the old one must never serve its stale pages."""
+    the read-only twin of the old one must never serve its stale pages. Both ways of finding a
+    mapping: the PROCMAP_QUERY ioctl (Linux 6.11+) and the scan of /proc/self/maps before it."""
     import ctypes
     import gc
     import mmap
     import os
 
+    from ray_zerocopy import guard
     from ray_zerocopy.guard import readonly_storage
+
+    if lookup == "maps_scan":
+        monkeypatch.setattr(guard, "_query", [None])
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
