@@ -210,13 +210,14 @@ def _prepare_ours(backend: str) -> Callable[[torch.nn.Module, str], Prepared]:
         from ray_zerocopy import prepare_model_for_actors
 
         model_ref = prepare_model_for_actors(model, backend=backend)
-        ref = ray.put(model_ref)  # actors get an ObjectRef, as Ray Data passes it; load resolves it
-        return Prepared(ref, [ref, *find_refs(model_ref.payload)])
+        # actors get the small ModelRef itself, as Ray Data's fn_constructor_kwargs deliver it (and as
+        # users hold it); the other approaches get what their users hold: an ObjectRef to the data
+        return Prepared(model_ref, find_refs(model_ref.payload))
 
     return prepare
 
 
-def _load_ours(handle: ray.ObjectRef, spec: ModelSpec, device: str) -> torch.nn.Module:
+def _load_ours(handle: Any, spec: ModelSpec, device: str) -> torch.nn.Module:
     from ray_zerocopy import load_model_in_actor
 
     return load_model_in_actor(handle, device=None if device == "cpu" else device)

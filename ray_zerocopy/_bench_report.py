@@ -81,6 +81,8 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     )
     notes = [
         "cold: first load in each fresh actor process (one at a time); warm: later loads in the same actors.",
+        "  Each load gets what a user of that approach holds: ours the ModelRef (small; Ray Data's",
+        "  fn_constructor_kwargs deliver it as is), ray_put/ray_native/classic an ObjectRef, disk loaders a path.",
         "node mem x: (object-store bytes + bytes of files the actors map their weights from, each once + sum of",
         "  the actors' added PSS outside those) / model unique bytes, every actor holding the model after one forward.",
         "  Files just written sit in the page cache (best case for disk loaders; torch_load's cache is not counted).",
