@@ -20,6 +20,10 @@ def _list_backends() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser answers `bench --help` with the bench's options
+        from ray_zerocopy.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ray_zerocopy", description=__doc__)
     parser.add_argument("command", choices=["backends", "bench"], help="what to do")
     args, rest = parser.parse_known_args(argv)

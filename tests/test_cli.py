@@ -65,3 +65,10 @@ def test_env_var_turns_entry_point_autoload_off():
 def test_extra_arguments_are_refused():
     out = list_backends("--all")
     assert out.returncode == 2 and "'backends' takes no arguments" in out.stderr
+
+
+def test_bench_help_shows_the_bench_options():
+    out = subprocess.run([sys.executable, "-m", "ray_zerocopy", "bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--model" in out.stdout and "--approaches" in out.stdout and "--device" in out.stdout
