@@ -50,10 +50,8 @@ class _Holder:
         from ray_zerocopy.plugins import get_backend
 
         self.backend, self.ref, self.dtype = get_backend(model_ref.backend), model_ref, dtype
-        t0 = time.perf_counter()
         self.tensors = self._fetch()
         torch.cuda.synchronize()
-        self.load_s = time.perf_counter() - t0
         storages: dict[int, int] = {}
         self.shared: list[tuple] = []  # one IPC handle per device storage
         self.specs: dict[str, tuple] = {}  # name -> (storage index, offset, shape, stride, dtype)
@@ -63,7 +61,7 @@ class _Holder:
                 storages[s.data_ptr()] = len(self.shared)
                 self.shared.append(s._share_cuda_())
             self.specs[name] = (storages[s.data_ptr()], t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        self.users: set[int] = set()
+        self.users: dict[int, int] = {}  # pid -> models of that process that map this memory
         self.idle_since = time.monotonic()
         self.lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -74,17 +72,19 @@ class _Holder:
         tensors = self.backend.get(self.ref.payload, torch.device("cuda", 0))
         return _cast_floating(tensors, self.dtype) if self.dtype is not None else tensors
 
-    def attach(self, pid: int) -> tuple[list[tuple], dict[str, tuple], float]:
-        """Register process ``pid`` as a user; the IPC handles, the tensor layout, and the copy's seconds."""
+    def attach(self, pid: int) -> tuple[list[tuple], dict[str, tuple]]:
+        """Count one more model of process ``pid`` as a user; the IPC handles and the tensor layout."""
         with self.lock:
             if self.tensors is None:
                 raise RuntimeError("holder is shutting down")
-            self.users.add(pid)
-        return self.shared, self.specs, self.load_s
+            self.users[pid] = self.users.get(pid, 0) + 1
+        return self.shared, self.specs
 
     def release(self, pid: int) -> None:
         with self.lock:
-            self.users.discard(pid)
+            self.users[pid] = self.users.get(pid, 0) - 1
+            if self.users[pid] <= 0:
+                del self.users[pid]
             if not self.users:
                 self.idle_since = time.monotonic()
 
@@ -95,14 +95,11 @@ class _Holder:
             t.copy_(fresh[name])
         torch.cuda.synchronize()
 
-    def users_now(self) -> list[int]:
-        return sorted(self.users)
-
     def _watch(self) -> None:
         while True:
             time.sleep(0.5)
             with self.lock:
-                alive = {pid for pid in self.users if _alive(pid)}
+                alive = {pid: n for pid, n in self.users.items() if _alive(pid)}
                 if alive != self.users:
                     self.users = alive
                     self.idle_since = time.monotonic()
@@ -144,7 +141,7 @@ def attach(model_ref: Any, device: torch.device, dtype: torch.dtype | None) -> t
     for attempt in range(ATTACH_TRIES):
         holder = _holder(model_ref, uuid, dtype)
         try:
-            shared, specs, _ = ray.get(holder.attach.remote(os.getpid()))
+            shared, specs = ray.get(holder.attach.remote(os.getpid()))
             break
         except (ray.exceptions.RayActorError, RuntimeError):  # it was exiting: start another
             if attempt == ATTACH_TRIES - 1:

@@ -65,8 +65,15 @@ class Sharer:
             return str(exc)
         return "no error"
 
-    def drop(self) -> None:
-        self.model = None
+    def load_second(self, ref) -> None:
+        self.second = load_model_in_actor(ref, device="cuda", share_gpu=True)
+
+    def run_second(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.second(x.cuda()).cpu()
+
+    def drop(self, attr: str = "model") -> None:
+        setattr(self, attr, None)
         import gc
 
         gc.collect()
@@ -158,12 +165,18 @@ def test_write_into_shared_copy_is_reported_and_undone(ray_gpu, backend):
 
 
 @needs_cuda
-def test_dropping_the_model_releases_the_holder(ray_gpu):
+def test_holder_lives_while_any_model_maps_it_then_goes(ray_gpu):
+    from ray_zerocopy.gpu_share import LINGER_S
+
     ref = prepare_model_for_actors(_big_model()[:2])
+    x = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(3))
     a = Sharer.remote()
-    ray.get(a.load.remote(ref))
-    assert len(_holders()) == 1
-    ray.get(a.drop.remote())  # the actor lives on without the model
+    ray.get([a.load.remote(ref), a.load_second.remote(ref)])  # two models of one process on one holder
+    expected = ray.get(a.run.remote(x))
+    ray.get(a.drop.remote("model"))  # one goes, the other still maps the memory
+    time.sleep(LINGER_S + 1.5)
+    assert len(_holders()) == 1 and torch.equal(ray.get(a.run_second.remote(x)), expected)
+    ray.get(a.drop.remote("second"))  # the actor lives on without any model
     assert _wait(lambda: not _holders())
     ray.kill(a)
 
