@@ -8,9 +8,10 @@ memory) and rebuilds the model around it.
 
 Lifetimes: the holder owns the device memory. It is detached (it survives the actor that
 started it), on the same node, with no CPU or GPU reserved, and named after the model and the
-GPU's UUID (``CUDA_VISIBLE_DEVICES`` differs from actor to actor, UUIDs do not). It counts its
-users by process id; a user that releases its model or dies (checked every second) stops
-counting, and when none is left for ``LINGER_S`` seconds the holder frees the memory and exits.
+GPU's UUID (``CUDA_VISIBLE_DEVICES`` differs from actor to actor, UUIDs do not). It counts the
+models that map it, by process: a model that is collected, or a process that dies (checked
+every half second), stops counting, and when none is left for ``LINGER_S`` seconds the holder
+frees the memory and exits.
 
 Writes: device memory cannot be mapped read-only through CUDA IPC. A write is caught after the
 call by the version counters (as on the host); the holder then restores the weights from the
