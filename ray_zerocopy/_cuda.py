@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import os
 import threading
 from collections import deque
@@ -35,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-log = logging.getLogger("ray_zerocopy")
+from ray_zerocopy._log import warn_once
 
 ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | staged | register | hybrid | plain
 THREADS_ENV = "RAY_ZEROCOPY_H2D_THREADS"  # staging threads
@@ -47,7 +46,6 @@ MIN_FAST_BYTES = 8 << 20  # below this one plain copy is as quick as setting up 
 STAGING_BUFFERS = 2  # per thread: one being filled while the GPU drains the other
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: we only read, and Ray may map the store read-only
 _PAGE = 2 << 20  # pinned chunks start and end on 2 MiB boundaries: no two registrations share a page
-_warned: set[str] = set()
 
 
 class PinError(RuntimeError):
@@ -119,16 +117,10 @@ def copy_to_device(
     finally:
         error = pinner.finish() if pinner is not None else None
     if error is not None:
-        _log_once(f"pinning the buffer in place failed ({error}); copying the rest through pinned staging buffers")
+        warn_once(f"pinning the buffer in place failed ({error}); copying the rest through pinned staging buffers")
     if cursor.left():  # pinning stopped and nothing else took the rest (route "register")
         _stage(buf, dst, cursor, threads, chunk_bytes)
     return dst
-
-
-def _log_once(message: str) -> None:
-    if message not in _warned:  # one line per process and cause, not one per load of 100 actors
-        _warned.add(message)
-        log.warning("ray_zerocopy: %s", message)
 
 
 class _Cursor:
@@ -272,7 +264,7 @@ def _stage(src: torch.Tensor, dst: torch.Tensor, cursor: _Cursor, threads: int, 
         with _pinned_ring(nbuf, chunk_bytes) as ring:
             _stream_through(ring, src, dst, cursor, threads)
     except _NoPinnedMemory as exc:
-        _log_once(f"pinned staging buffers could not be allocated ({exc}); using plain pageable copies")
+        warn_once(f"pinned staging buffers could not be allocated ({exc}); using plain pageable copies")
         while (rng := cursor.take_front(chunk_bytes)) is not None:
             dst[rng[0] : rng[1]].copy_(src[rng[0] : rng[1]])
 
@@ -290,7 +282,7 @@ def _pinned_ring(nbuf: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
         try:
             _get_cudart().pin(ring.data_ptr(), ring.nbytes, flags=0)  # written by the CPU: not read-only
         except PinError as exc:
-            _log_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
+            warn_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
         else:
             try:
                 yield ring

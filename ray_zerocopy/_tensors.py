@@ -199,25 +199,15 @@ def rebuild_model(
 
     ``layouts`` restores the strides of permuted tensors (see :func:`split_model`). With
     ``as_parameters=False`` parameters stay plain tensors (skips the ``nn.Parameter`` wrap).
-    If ``placed`` is a dict, every CPU weight gets a version counter of its own (views of one
-    buffer share one, so a write could not be traced to its tensor) and ``placed`` receives
-    each object put into the model, by persistent id: the write guard needs both.
+    If ``placed`` is a dict it receives each object put into the model, by persistent id (what
+    the write guard watches).
     """
-
-    shared_bases: set[int] = set()
-    if placed is not None:  # views of one base share its version counter: those need a fresh TensorImpl
-        seen: set[int] = set()
-        for t in tensors.values():
-            key = id(t._base) if t._base is not None else id(t)
-            (shared_bases if key in seen else seen).add(key)
 
     def load(pid: PersistentId) -> torch.Tensor:
         name, is_param = pid
         t = tensors[name]
         if name in layouts:
             t = t.as_strided(*layouts[name])
-        if t._base is not None and id(t._base) in shared_bases and t.device.type == "cpu":  # same memory
-            t = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
         return torch.nn.Parameter(t, requires_grad=False) if is_param and as_parameters else t
 
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes

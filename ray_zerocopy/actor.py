@@ -8,7 +8,6 @@ its CPU weights being views into the node's shared object store.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import uuid
 import weakref
@@ -18,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
+from ray_zerocopy._log import warn_once
 from ray_zerocopy._tensors import rebuild_model, split_model
 from ray_zerocopy.backend import Payload
 from ray_zerocopy.errors import (
@@ -34,7 +34,6 @@ from ray_zerocopy.guard import guard_model, norm_layers, private_copies, readonl
 from ray_zerocopy.plugins import backend_infos, get_backend
 
 DEFAULT_BACKEND = "object_store"
-log = logging.getLogger("ray_zerocopy")
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,7 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, 
     """The model around the device copy shared by every actor on ``dev``'s GPU; None (and one log
     line) where it cannot be shared, so the caller loads a private copy."""
     if dev.type != "cuda":
-        _log_once(f"share_gpu=True has no effect on {dev} (CPU weights are shared host memory anyway)")
+        warn_once(f"share_gpu=True has no effect on {dev} (CPU weights are shared host memory anyway)")
         return None
     from ray_zerocopy import gpu_share
 
@@ -226,22 +225,13 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, 
         with torch.inference_mode(False):
             tensors, holder = gpu_share.attach(ref, dev, dtype)
     except Exception as exc:  # no CUDA IPC, holder failed to start, ...
-        _log_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
+        warn_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
         return None
     placed: dict = {}
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
     weakref.finalize(model, gpu_share.release, holder, os.getpid())
     return guard_model(model, [(name, t) for (name, _), t in placed.items()], ref.norm_layers,
                        restore=lambda: ray.get(holder.restore.remote()))
-
-
-_logged: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.warning("ray_zerocopy: %s", message)
 
 
 def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ in train mode are refused before they write.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -31,7 +30,6 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-log = logging.getLogger("ray_zerocopy")
 NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one

@@ -23,16 +23,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import weakref
+from collections import Counter
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from ray_zerocopy._log import log
 from ray_zerocopy.errors import SharedWeightWriteError
 
-log = logging.getLogger(__name__)
 _PROT_READ, _MREMAP_MAYMOVE = 1, 1
 _PROCMAP_QUERY = 0xC0686611  # _IOWR('f', 17, struct procmap_query): Linux 6.11+
 _libc = None
@@ -100,19 +100,20 @@ class _Twin:
 _twins: dict[tuple[int, int], _Twin] = {}  # by the (start, end) of the mapping it twins
 
 
-def _twin_of(marker: str, lo: int, hi: int) -> _Twin | None:
-    """The read-only twin of the writable shared mapping of ``marker`` holding ``[lo, hi)``; None for
-    private memory, read-only mappings (twins among them), or where no twin can be made.
-
-    Twins are kept for reuse (a reload costs no mapping call, and touches no page table). One
-    that nobody uses is dropped once the mapping it twins is gone: Ray unmaps a fallback
-    allocation once unused and may map another at the same addresses later.
-    """
+def _drop_stale_twins(marker: str) -> None:
+    """Unmap the twins nobody uses whose mapping is gone: Ray unmaps a fallback allocation once
+    unused and may map another at the same addresses later (a twin would show stale pages)."""
     for key, twin in list(_twins.items()):
         if not twin.users and _vma(twin.vma.start, marker) != twin.vma:
             if twin.addr:
                 _libc.munmap(twin.addr, twin.vma.end - twin.vma.start)
             del _twins[key]
+
+
+def _twin_of(marker: str, lo: int, hi: int) -> _Twin | None:
+    """The read-only twin of the writable shared mapping of ``marker`` holding ``[lo, hi)``; None for
+    private memory, read-only mappings (twins among them), or where no twin can be made.
+    Twins are kept for reuse: a reload maps nothing and touches no page table."""
     vma = _vma(lo, marker)
     if vma is None or not vma.target or hi > vma.end:
         return None
@@ -153,9 +154,12 @@ def readonly_storage(lo: int, nbytes: int, keep: object, marker: str = "plasma")
     """A storage over the ``nbytes`` at address ``lo`` seen through the read-only twin of their shared
     mapping, holding ``keep`` (what keeps those bytes alive: Ray pins an object while its buffer lives).
     None where the bytes are not in a writable shared mapping of ``marker`` or no twin can be made."""
+    _drop_stale_twins(marker)
     twin = _twin_of(marker, lo, lo + nbytes) if nbytes else None
-    if twin is None:
-        return None
+    return None if twin is None else _twin_storage(twin, lo, nbytes, keep)
+
+
+def _twin_storage(twin: _Twin, lo: int, nbytes: int, keep: object) -> torch.UntypedStorage:
     raw = (ctypes.c_char * nbytes).from_address(twin.addr + lo - twin.vma.start)
     raw.keep = keep
     twin.users += 1
@@ -164,32 +168,39 @@ def readonly_storage(lo: int, nbytes: int, keep: object, marker: str = "plasma")
 
 
 def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> dict[str, torch.Tensor]:
-    """The same tensors, those in a writable shared mapping of ``marker`` re-pointed at its read-only twin.
+    """The same tensors, ready for the write guard: each with a version counter of its own, and
+    those in a writable shared mapping of ``marker`` re-pointed at its read-only twin.
 
-    Same bytes, shapes, strides and ties, no copy; each re-pointed tensor is a view of one
-    storage over the span of all of them, with a version counter of its own. Others (private
-    memory, read-only mappings, tensors already read-only) are returned as they are.
+    Same bytes, shapes, strides and ties, no copy. The re-pointed tensors of one mapping are views
+    of one storage over their span. Of the others (private memory, read-only mappings, tensors
+    already read-only), views of one base are re-made on the same memory: views share their base's
+    version counter, so a write could not be traced to its tensor.
     """
+    _drop_stale_twins(marker)
     by_storage: dict[int, list[str]] = {}
     for name, t in tensors.items():
         if t.is_cpu and t.nbytes:
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
-    spans: dict[int, list[str]] = {}  # names by the mapping they lie in
+    spans: dict[int, tuple[_Twin, list[str]]] = {}  # by the mapping they lie in
     for names in by_storage.values():
         s = tensors[names[0]].untyped_storage()
         twin = _twin_of(marker, s.data_ptr(), s.data_ptr() + s.nbytes())
         if twin is not None:
-            spans.setdefault(twin.vma.start, []).extend(names)
+            spans.setdefault(twin.vma.start, (twin, []))[1].extend(names)
     out = dict(tensors)
-    for names in spans.values():
+    for twin, names in spans.values():
         olds = [tensors[n].untyped_storage() for n in names]
         lo = min(s.data_ptr() for s in olds) // 64 * 64  # a whole number of elements from here to every tensor
-        span = readonly_storage(lo, max(s.data_ptr() + s.nbytes() for s in olds) - lo, olds, marker)
-        for name in names if span is not None else ():
+        span = _twin_storage(twin, lo, max(s.data_ptr() + s.nbytes() for s in olds) - lo, olds)
+        for name in names:
             t = tensors[name]
             offset, rest = divmod(t.data_ptr() - lo, t.element_size())
             if not rest:  # (an element not aligned to its size keeps its old, writable view)
                 out[name] = torch.empty(0, dtype=t.dtype).set_(span, offset, t.shape, t.stride())
+    bases = Counter(id(t._base) for t in out.values() if t.is_cpu and t._base is not None)
+    for name, t in out.items():
+        if t.is_cpu and t._base is not None and bases[id(t._base)] > 1:
+            out[name] = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
     return out
 
 
