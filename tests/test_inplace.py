@@ -153,3 +153,18 @@ def test_version_check_names_module_and_tensor_where_pages_are_not_protected():
     assert (info.value.module, info.value.module_type, info.value.tensor) == ("inner.blocks.1.0", "Linear",
                                                                             "inner.blocks.1.0.bias")
     assert "private_copy=True" in str(info.value)
+
+
+def test_views_of_one_private_base_get_version_counters_of_their_own():
+    """Views share their base's version counter: a write into one would be blamed on the first of them.
+    readonly_views re-makes them on the same memory, each with its own counter."""
+    from ray_zerocopy.guard import readonly_views
+
+    base = torch.arange(12.0)
+    out = readonly_views({"a": base[:6], "b": base[6:].view(2, 3), "alone": torch.ones(3)})
+    assert [out[k].data_ptr() for k in "ab"] == [base.data_ptr(), base.data_ptr() + 24]
+    assert torch.equal(out["b"], base[6:].view(2, 3))
+    before = out["b"]._version
+    out["a"].add_(1)
+    assert out["b"]._version == before  # the write is traced to "a" only
+    assert torch.equal(out["a"], base[:6]) and base[0] == 1  # same memory, no copy
