@@ -70,13 +70,13 @@ def test_copy_routes_are_byte_exact(ray_gpu, route, nbytes, caplog):
 def test_pinned_range_falls_back_cleanly(ray_gpu, caplog):
     """A page already pinned inside the buffer: one log line, the staged copy, no CUDA error left,
     and nothing of the buffer left pinned by the failed attempt."""
-    from ray_zerocopy import _cuda
+    from ray_zerocopy import _cuda, _log
 
     ref, buf = _store_buffer(64 << 20)
     cudart = _cuda._get_cudart()
     mid = (buf.data_ptr() + (30 << 20)) // 4096 * 4096
     cudart.pin(mid, 4 << 20)
-    _cuda._warned.clear()
+    _log._said.clear()
     try:
         with caplog.at_level(logging.WARNING, logger="ray_zerocopy"):
             out = _cuda.copy_to_device(buf, torch.device("cuda"), route="register", threads=4, chunk_bytes=4 << 20)
