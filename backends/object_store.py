@@ -16,6 +16,7 @@ import torch
 
 from ray_zerocopy import (
     Backend,
+    array_offsets,
     hookimpl,
     quiet_readonly,
     spec_of,
@@ -30,19 +31,22 @@ from ray_zerocopy import (
 class ObjectStorePayload:
     ref: ray.ObjectRef  # -> dict[name, np.ndarray(uint8)]
     specs: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype name, shape)
+    offsets: dict[str, int] | None = None  # name -> where Ray put its array in the object (array_offsets)
 
 
 class ObjectStoreBackend(Backend):
     name = "object_store"
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> ObjectStorePayload:
-        arrays = {k: tensor_to_bytes(t) for k, t in weights.items()}
-        return ObjectStorePayload(ray.put(arrays), {k: spec_of(t) for k, t in weights.items()})
+        ref = ray.put({k: tensor_to_bytes(t) for k, t in weights.items()})
+        # read once here, so that actors need not read every array's address (tensors_in_arrays)
+        offsets = array_offsets({k: a for k, a in ray.get(ref).items() if a.nbytes})
+        return ObjectStorePayload(ref, {k: spec_of(t) for k, t in weights.items()}, offsets)
 
     def get(self, payload: ObjectStorePayload, device: torch.device) -> dict[str, torch.Tensor]:
         arrays = ray.get(payload.ref)
         if device.type == "cpu":
-            return tensors_in_arrays(arrays, payload.specs)
+            return tensors_in_arrays(arrays, payload.specs, offsets=payload.offsets)
         with quiet_readonly():
             return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in payload.specs.items()}, device)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray_zerocopy.backend import (
     Backend,
     Payload,
+    array_offsets,
     buffer_to_device,
     dtype_from_name,
     dtype_name,
@@ -57,6 +58,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightsLostError",
     "__version__",
+    "array_offsets",
     "buffer_to_device",
     "dtype_from_name",
     "dtype_name",

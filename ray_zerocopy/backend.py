@@ -8,6 +8,7 @@ modules, tied names or skeletons: those travel in the ModelRef, outside the back
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
@@ -101,51 +102,100 @@ def tensors_in_buffer(
 
     Where the buffer lies in Ray's shared memory (``marker``) the tensors see it through a
     read-only mapping, so an in-place write faults instead of changing every actor's weights
-    (see ``guard.py``); each tensor has a version counter of its own. The fast CPU path of
-    one-buffer backends (``packed``, ``safetensors``).
+    (see ``guard.py``). The fast CPU path of one-buffer backends (``packed``, ``safetensors``).
     """
-    from ray_zerocopy.guard import readonly_storage
-
-    addr, storages, out = buf.ctypes.data, {}, {}
-    for name, dtype, shape, offset in entries:
-        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-        first = offset % dtype.itemsize  # a storage starting here puts every element at a whole index
-        storage = storages.get(first)
-        if storage is None:
-            storage = readonly_storage(addr + first, buf.nbytes - first, buf, marker)
-            if storage is None:  # private memory: a plain view
-                with quiet_readonly():
-                    storage = torch.from_numpy(buf[first:]).untyped_storage()
-            storages[first] = storage
-        out[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
-    return out
+    return _views(buf.ctypes.data, buf.nbytes, buf, entries, marker, private=buf)
 
 
 def tensors_in_arrays(
     arrays: Mapping[str, np.ndarray], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
-    marker: str = "plasma",
+    marker: str = "plasma", offsets: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`tensor_from_bytes` of ``arrays[name]`` with ``specs[name]`` (dtype, shape) for every name,
     read-only (as :func:`tensors_in_buffer`) where the arrays lie in one shared mapping, such as
     the arrays of one object in Ray's store. No copy. The CPU path of the ``object_store`` backend.
+
+    ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
+    array's address: the first and last are checked against them, and all are read if they differ.
+    """
+    names = [k for k in specs if arrays[k].nbytes]  # an empty tensor has no bytes to share
+    known = offsets is not None and all(k in offsets for k in names)
+    if names and known:
+        lo = _address(arrays[names[0]]) - offsets[names[0]]
+        known = _address(arrays[names[-1]]) == lo + offsets[names[-1]]
+    if names and not known:
+        offsets = array_offsets({k: arrays[k] for k in names})
+        lo = _address(arrays[names[0]]) - offsets[names[0]]
+    out = {}
+    if names:
+        nbytes = max(offsets[k] + arrays[k].nbytes for k in names)
+        out = _views(lo, nbytes, arrays, [(k, *specs[k], offsets[k]) for k in names], marker) or {}
+    if len(out) == len(specs):
+        return out
+    with quiet_readonly():  # private memory (no twin) or empty tensors: plain views, one per array
+        return {k: out[k] if k in out else tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}
+
+
+def array_offsets(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Byte offset of each array from the 64-byte boundary at or below the lowest one. For the arrays
+    of one Ray object they are the same in every process that gets it (the object's bytes are)."""
+    addrs = {k: _address(a) for k, a in arrays.items()}
+    lo = min(addrs.values(), default=0) // 64 * 64
+    return {k: a - lo for k, a in addrs.items()}
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+
+
+def _views(
+    addr: int, nbytes: int, keep: Any, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]],
+    marker: str, private: np.ndarray | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """``(name, dtype, shape, byte offset from addr)`` -> contiguous tensors over the ``nbytes`` from
+    ``addr``, seen through the read-only twin of their shared mapping (``keep`` keeps them alive).
+
+    One ``as_strided`` view per tensor, of one base per (dtype, misalignment). Views of one base
+    share its version counter, which costs the write guard nothing here: a write into the twin
+    faults before any counter is read. Without a twin (private memory) the views are made over
+    ``private`` (the uint8 array at ``addr``), or None is returned where it is None.
     """
     from ray_zerocopy.guard import readonly_storage
 
-    addrs = {k: arrays[k].__array_interface__["data"][0] for k in specs if arrays[k].nbytes}
-    shared = lo = None
-    if addrs:
-        lo = min(addrs.values()) // 64 * 64  # Ray aligns each array of an object to 64 bytes
-        shared = readonly_storage(lo, max(a + arrays[k].nbytes for k, a in addrs.items()) - lo, arrays, marker)
+    bases: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     out = {}
-    for name, (dtype, shape) in specs.items():
-        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-        index, rest = divmod(addrs[name] - lo, dtype.itemsize) if shared is not None and name in addrs else (0, 1)
-        if rest:  # private memory, an empty tensor or an unaligned element: a plain view
-            with quiet_readonly():
-                out[name] = tensor_from_bytes(arrays[name], dtype, shape)
-        else:
-            out[name] = torch.empty(0, dtype=dtype).set_(shared, index, shape)
+    for name, dtype, shape, offset in entries:
+        dtype = _dtype(dtype)
+        first = offset % dtype.itemsize  # a base starting here puts every element at a whole index
+        base = bases.get((dtype, first))
+        if base is None:
+            storage = readonly_storage(addr + first, nbytes - first, keep, marker)
+            if storage is None and private is None:
+                return None
+            if storage is None:
+                with quiet_readonly():
+                    storage = torch.from_numpy(private[first:]).untyped_storage()
+            size = (nbytes - first) // dtype.itemsize
+            base = bases[dtype, first] = torch.empty(0, dtype=dtype).set_(storage, 0, (size,))
+        stride = strides.get(shape)
+        if stride is None:
+            stride = strides[shape] = _contiguous_strides(shape)
+        out[name] = base.as_strided(shape, stride, offset // dtype.itemsize)
     return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 # torch dtypes numpy has too (bfloat16 and fp8 have no numpy twin: they take the torch view path)

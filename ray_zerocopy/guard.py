@@ -25,7 +25,6 @@ import errno
 import fcntl
 import os
 import weakref
-from collections import Counter
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -168,13 +167,14 @@ def _twin_storage(twin: _Twin, lo: int, nbytes: int, keep: object) -> torch.Unty
 
 
 def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> dict[str, torch.Tensor]:
-    """The same tensors, ready for the write guard: each with a version counter of its own, and
-    those in a writable shared mapping of ``marker`` re-pointed at its read-only twin.
+    """The same tensors, ready for the write guard: those in a writable shared mapping of ``marker``
+    re-pointed at its read-only twin, each with a version counter of its own.
 
     Same bytes, shapes, strides and ties, no copy. The re-pointed tensors of one mapping are views
-    of one storage over their span. Of the others (private memory, read-only mappings, tensors
-    already read-only), views of one base are re-made on the same memory: views share their base's
-    version counter, so a write could not be traced to its tensor.
+    of one storage over their span. Tensors already in a twin are left as they are (a write into
+    them faults). Of the others (private memory, other read-only mappings), views of one base are
+    re-made on the same memory: views share their base's version counter, so a write could not be
+    traced to its tensor.
     """
     _drop_stale_twins(marker)
     by_storage: dict[int, list[str]] = {}
@@ -182,10 +182,14 @@ def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> 
         if t.is_cpu and t.nbytes:
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
     spans: dict[int, tuple[_Twin, list[str]]] = {}  # by the mapping they lie in
-    for names in by_storage.values():
-        s = tensors[names[0]].untyped_storage()
-        twin = _twin_of(marker, s.data_ptr(), s.data_ptr() + s.nbytes())
-        if twin is not None:
+    private: list[str] = []
+    for ptr, names in by_storage.items():
+        if any(tw.addr and tw.addr <= ptr < tw.addr + tw.vma.end - tw.vma.start for tw in _twins.values()):
+            continue
+        twin = _twin_of(marker, ptr, ptr + tensors[names[0]].untyped_storage().nbytes())
+        if twin is None:
+            private += names
+        else:
             spans.setdefault(twin.vma.start, (twin, []))[1].extend(names)
     out = dict(tensors)
     for twin, names in spans.values():
@@ -195,11 +199,17 @@ def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> 
         for name in names:
             t = tensors[name]
             offset, rest = divmod(t.data_ptr() - lo, t.element_size())
-            if not rest:  # (an element not aligned to its size keeps its old, writable view)
+            if rest:  # an element not aligned to its size keeps its old, writable view
+                private.append(name)
+            else:
                 out[name] = torch.empty(0, dtype=t.dtype).set_(span, offset, t.shape, t.stride())
-    bases = Counter(id(t._base) for t in out.values() if t.is_cpu and t._base is not None)
-    for name, t in out.items():
-        if t.is_cpu and t._base is not None and bases[id(t._base)] > 1:
+    views: dict[int, list[str]] = {}  # (no Counter: its first use in a process costs a millisecond of abc checks)
+    for name in private:
+        if out[name]._base is not None:
+            views.setdefault(id(out[name]._base), []).append(name)
+    for names in views.values():
+        for name in names if len(names) > 1 else ():
+            t = out[name]
             out[name] = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
     return out
 
