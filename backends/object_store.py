@@ -8,9 +8,11 @@ memory, and each tensor is a view of one of them. Every tensor travels as raw by
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import ray
 import torch
 
@@ -34,11 +36,22 @@ class ObjectStorePayload:
     offsets: dict[str, int] | None = None  # name -> where Ray put its array in the object (array_offsets)
 
 
+class _Bytes(np.ndarray):
+    """A uint8 array that Ray's pickle (protocol 5) stores as one ``numpy.frombuffer`` call over its
+    out-of-band buffer: ``ray.get`` then makes a plain array in one C call, 2-3x faster than after
+    numpy's own reduce (a Python function and a reshape per array). Only the driver needs this class."""
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        if protocol < 5:
+            return np.asarray(self).__reduce_ex__(protocol)
+        return np.frombuffer, (pickle.PickleBuffer(self), np.uint8)
+
+
 class ObjectStoreBackend(Backend):
     name = "object_store"
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> ObjectStorePayload:
-        ref = ray.put({k: tensor_to_bytes(t) for k, t in weights.items()})
+        ref = ray.put({k: tensor_to_bytes(t).view(_Bytes) for k, t in weights.items()})
         # read once here, so that actors need not read every array's address (tensors_in_arrays)
         offsets = array_offsets({k: a for k, a in ray.get(ref).items() if a.nbytes})
         return ObjectStorePayload(ref, {k: spec_of(t) for k, t in weights.items()}, offsets)

@@ -1,8 +1,9 @@
 """Tensor surgery: split a model into a weightless skeleton and its unique weights, and rebuild it.
 
 The skeleton is the model pickled with every parameter and buffer replaced by a
-persistent id (its canonical dotted name), so the driver never copies a weight to
-build it, and an actor's unpickle puts the shared-memory views straight into each
+persistent id (an index into the list of (canonical dotted name, is a Parameter) pickled
+ahead of it), so the driver never copies a weight to build it, and an actor's unpickle
+puts the shared-memory views straight into each
 module's ``_parameters`` / ``_buffers``. Tied weights (one tensor reachable under
 several names, or several tensors viewing the same bytes) are stored once and come
 back as one object, so ties stay tied.
@@ -111,7 +112,8 @@ def split_model(model: torch.nn.Module) -> SplitModel:
     weights: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    ids: dict[int, PersistentId] = {}
+    pids: dict[PersistentId, int] = {}  # -> its index: the persistent id written into the skeleton
+    ids: dict[int, int] = {}
     keep_alive = []  # ids are only unique while the objects live
     for module_name, module in model.named_modules():
         _check_module(module_name, module)
@@ -127,13 +129,13 @@ def split_model(model: torch.nn.Module) -> SplitModel:
             weights[name] = data.cpu().contiguous()
         elif name not in weights:
             aliases[name] = first
-        ids[id(t)] = (first, is_param)
+        ids[id(t)] = pids.setdefault((first, is_param), len(pids))
         keep_alive.append(t)
     modes = [(m, m.training) for m in model.modules()]
     try:  # pickle the skeleton in eval mode without calling train(): the caller's model is left as it was
         for m, _ in modes:
             m.training = False
-        skeleton = _pickle_skeleton(model, ids)
+        skeleton = _pickle_skeleton(model, ids, list(pids))
     finally:
         for m, mode in modes:
             m.training = mode
@@ -143,23 +145,25 @@ def split_model(model: torch.nn.Module) -> SplitModel:
 class _SkeletonPickler(cloudpickle.Pickler):
     """cloudpickle (so classes defined in ``__main__`` work) with weights swapped for persistent ids."""
 
-    def __init__(self, file: io.BytesIO, ids: Mapping[int, PersistentId]) -> None:
+    def __init__(self, file: io.BytesIO, ids: Mapping[int, int]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._ids = ids
 
-    def persistent_id(self, obj: object) -> PersistentId | None:
+    def persistent_id(self, obj: object) -> int | None:
         return self._ids.get(id(obj)) if isinstance(obj, torch.Tensor) else None
 
 
-def _dumps(obj: object, ids: Mapping[int, PersistentId]) -> bytes:
+def _dumps(obj: object, ids: Mapping[int, int], pids: list[PersistentId] | None = None) -> bytes:
     buf = io.BytesIO()
+    if pids is not None:  # first the weights' (name, is a Parameter) by index, then the module
+        pickle.dump(pids, buf, protocol=pickle.HIGHEST_PROTOCOL)
     _SkeletonPickler(buf, ids).dump(obj)
     return buf.getvalue()
 
 
-def _pickle_skeleton(model: torch.nn.Module, ids: Mapping[int, PersistentId]) -> bytes:
+def _pickle_skeleton(model: torch.nn.Module, ids: Mapping[int, int], pids: list[PersistentId]) -> bytes:
     try:
-        return _dumps(model, ids)
+        return _dumps(model, ids, pids)
     except Exception as exc:  # name the deepest submodule that fails, not just "the model"
         culprit = ""
         for name, sub in reversed(list(model.named_modules())):
@@ -175,24 +179,7 @@ def _pickle_skeleton(model: torch.nn.Module, ids: Mapping[int, PersistentId]) ->
         ) from exc
 
 
-class _Placed(dict):
-    """Persistent id -> the object put into the model, made on first use. The unpickler looks ids
-    up with this dict's own (C) ``__getitem__``: one Python call per weight, not three."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], layouts: Mapping, as_parameters: bool) -> None:
-        super().__init__()
-        self.tensors, self.layouts, self.as_parameters = tensors, layouts, as_parameters
-
-    def __missing__(self, pid: PersistentId) -> torch.Tensor:
-        name, is_param = pid
-        t = self.tensors[name]
-        if name in self.layouts:
-            t = t.as_strided(*self.layouts[name])
-        if is_param and self.as_parameters:  # _make_subclass: what Parameter() does for a plain tensor, 3x faster
-            plain = type(t) is torch.Tensor
-            t = torch.Tensor._make_subclass(torch.nn.Parameter, t, False) if plain else torch.nn.Parameter(t, False)
-        self[pid] = t
-        return t
+_PARAM = torch.nn.Parameter
 
 
 def rebuild_model(
@@ -209,13 +196,22 @@ def rebuild_model(
     If ``placed`` is a dict it receives each object put into the model, by persistent id (what
     the write guard watches).
     """
-    objects = _Placed(tensors, layouts, as_parameters)
+    file = io.BytesIO(skeleton)
+    pids = pickle.load(file)
+    objects = []
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
-        unpickler = pickle.Unpickler(io.BytesIO(skeleton))
-        unpickler.persistent_load = objects.__getitem__
+        for name, is_param in pids:
+            t = tensors[name]
+            if name in layouts:
+                t = t.as_strided(*layouts[name])
+            if is_param and as_parameters:  # _make_subclass: what Parameter() does for a plain tensor, 3x faster
+                t = torch.Tensor._make_subclass(_PARAM, t, False) if type(t) is torch.Tensor else _PARAM(t, False)
+            objects.append(t)
+        unpickler = pickle.Unpickler(file)
+        unpickler.persistent_load = objects.__getitem__  # (a C lookup per weight, no Python call)
         model = unpickler.load()
     if placed is not None:
-        placed.update(objects)
+        placed.update(zip(pids, objects))
     # every module was pickled in eval mode (see split_model): a root in train mode means a
     # __setstate__ of its own changed that; walking all modules per load would cost more than eval()
     return model.eval() if model.training else model

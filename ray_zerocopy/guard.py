@@ -303,7 +303,7 @@ def guard_model(
         >>> model = guard_model(rebuild_model(skeleton, readonly_views(tensors), layouts))  # doctest: +SKIP
     """
     tensors = _own_version_counters(model) if tensors is None else tensors
-    guard = model._rzc_guard = _Guard([(name, t) for name, t in tensors if restore or t.device.type == "cpu"], restore)
+    guard = model._rzc_guard = _Guard([(name, t) for name, t in tensors if restore or t.is_cpu], restore)
     model.register_forward_hook(guard.check, always_call=True)  # also after an exception
     for name in norm_layers(model) if norms is None else norms:
         sub = model.get_submodule(name)
