@@ -93,6 +93,26 @@ def test_pinned_range_falls_back_cleanly(ray_gpu, caplog):
 
 
 @needs_cuda
+def test_staging_ring_is_kept_for_the_next_load_and_let_go_when_settings_change(ray_gpu):
+    """The pinned staging ring stays pinned for the process's next copy (same settings: the same
+    ring); other settings replace it, and the old one is unpinned."""
+    from ray_zerocopy import _cuda
+
+    ref, buf = _store_buffer(64 << 20)
+    dev = torch.device("cuda")
+    out = _cuda.copy_to_device(buf, dev, route="staged", threads=2, chunk_bytes=1 << 20)
+    kept = _cuda._kept_ring[0]
+    out2 = _cuda.copy_to_device(buf, dev, route="staged", threads=2, chunk_bytes=1 << 20)
+    assert _cuda._kept_ring == [kept] and kept.shape == (4, 1 << 20)
+    out3 = _cuda.copy_to_device(buf, dev, route="staged", threads=3, chunk_bytes=1 << 20)
+    assert len(_cuda._kept_ring) == 1 and _cuda._kept_ring[0] is not kept
+    assert torch.equal(out.cpu(), buf) and torch.equal(out2.cpu(), buf) and torch.equal(out3.cpu(), buf)
+    cudart = _cuda._get_cudart()
+    cudart.pin(kept.data_ptr(), kept.nbytes, flags=0)  # raises if the replaced ring were still pinned
+    assert cudart.unregister(kept.data_ptr()) == 0
+
+
+@needs_cuda
 def test_copy_rejects_non_byte_buffers():
     from ray_zerocopy._cuda import copy_to_device
 
