@@ -132,7 +132,8 @@ class BenchActor:
     """A fresh worker process that loads the model with one approach and reports times and memory.
 
     ``__init__`` imports what every approach needs (torch, the model's transformers module,
-    safetensors, ray_zerocopy), so a cold load measures the load itself, not Python imports.
+    safetensors, ray_zerocopy) and creates the CUDA context, so a cold load measures the load
+    itself, not Python imports or CUDA start-up.
     """
 
     def __init__(self, spec: ModelSpec, device: str) -> None:
@@ -144,6 +145,8 @@ class BenchActor:
         import ray_zerocopy  # noqa: F401
 
         build_model(spec, meta=True)  # imports the transformers model module
+        if device.startswith("cuda"):  # CUDA context creation (~0.3 s) is not loading: every approach pays it
+            torch.zeros(1, device=device).sum().item()
         self.spec, self.device = spec, device
         self.ids = sample_input(spec)
         self.model: torch.nn.Module | None = None
