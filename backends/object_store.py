@@ -52,8 +52,10 @@ class ObjectStoreBackend(Backend):
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> ObjectStorePayload:
         ref = ray.put({k: tensor_to_bytes(t).view(_Bytes) for k, t in weights.items()})
-        # read once here, so that actors need not read every array's address (tensors_in_arrays)
-        offsets = array_offsets({k: a for k, a in ray.get(ref).items() if a.nbytes})
+        # read once here, so that actors need not read every array's address (tensors_in_arrays);
+        # not through Ray Client, where ray.get would download the whole object
+        offsets = None if ray.util.client.ray.is_connected() else array_offsets(
+            {k: a for k, a in ray.get(ref).items() if a.nbytes})
         return ObjectStorePayload(ref, {k: spec_of(t) for k, t in weights.items()}, offsets)
 
     def get(self, payload: ObjectStorePayload, device: torch.device) -> dict[str, torch.Tensor]:

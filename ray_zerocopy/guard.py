@@ -287,7 +287,8 @@ def guard_model(
     Args:
         model: a model rebuilt from shared-memory views.
         tensors: ``(name, tensor)`` of every weight object in the model, each with a version counter of
-            its own (``rebuild_model(..., placed=...)`` makes them); found and re-made when omitted.
+            its own unless it lies in a read-only twin (``rebuild_model(..., placed=...)`` after
+            :func:`readonly_views` gives them); found and re-made when omitted.
         norms: :func:`norm_layers` of the model (``ModelRef.norm_layers``); found when omitted.
         restore: for weights shared in device memory (which cannot be made read-only): called to
             put them back when a call wrote into them, before the error is raised. Every tensor
