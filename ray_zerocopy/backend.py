@@ -109,7 +109,7 @@ def tensors_in_buffer(
 
 def tensors_in_arrays(
     arrays: Mapping[str, np.ndarray], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
-    marker: str = "plasma", offsets: Mapping[str, int] | None = None,
+    marker: str = "plasma", offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`tensor_from_bytes` of ``arrays[name]`` with ``specs[name]`` (dtype, shape) for every name,
     read-only (as :func:`tensors_in_buffer`) where the arrays lie in one shared mapping, such as
@@ -118,18 +118,20 @@ def tensors_in_arrays(
     ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
     array's address: the first and last are checked against them, and all are read if they differ.
     """
-    names = [k for k in specs if arrays[k].nbytes]  # an empty tensor has no bytes to share
-    known = offsets is not None and all(k in offsets for k in names)
-    if names and known:
-        lo = _address(arrays[names[0]]) - offsets[names[0]]
-        known = _address(arrays[names[-1]]) == lo + offsets[names[-1]]
-    if names and not known:
-        offsets = array_offsets({k: arrays[k] for k in names})
-        lo = _address(arrays[names[0]]) - offsets[names[0]]
+    if offsets:  # (one pass over the tensors below, in _views: this is a load's hot path)
+        first, last = next(iter(offsets)), next(reversed(offsets))
+        lo = _address(arrays[first]) - offsets[first]
+        if _address(arrays[last]) != lo + offsets[last]:
+            offsets = None
+    if not offsets:  # an empty tensor has no bytes to share
+        offsets = array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
+        first = next(iter(offsets), None)
+        lo = _address(arrays[first]) - offsets[first] if first is not None else 0
     out = {}
-    if names:
-        nbytes = max(offsets[k] + arrays[k].nbytes for k in names)
-        out = _views(lo, nbytes, arrays, [(k, *specs[k], offsets[k]) for k in names], marker) or {}
+    if offsets:
+        top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
+        nbytes = offsets[top] + arrays[top].nbytes
+        out = _views(lo, nbytes, arrays, [(k, *specs[k], off) for k, off in offsets.items()], marker) or {}
     if len(out) == len(specs):
         return out
     with quiet_readonly():  # private memory (no twin) or empty tensors: plain views, one per array
