@@ -205,7 +205,7 @@ def find_refs(obj: Any, depth: int = 6) -> list[ray.ObjectRef]:
     return [r for item in items for r in find_refs(item, depth - 1)]
 
 
-def to_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
+def _moved(model: torch.nn.Module, device: str) -> torch.nn.Module:
     """``model.to(device)`` where it moves something: on the CPU that walk alone costs a bert-base
     ~2-5 ms, which the alternatives' users would not pay (they call it for a GPU only)."""
     return model if device == "cpu" else model.to(device)
@@ -235,7 +235,7 @@ def _prepare_ray_put(model: torch.nn.Module, workdir: str) -> Prepared:
 
 
 def _load_ray_put(handle: ray.ObjectRef, spec: ModelSpec, device: str) -> torch.nn.Module:
-    return to_device(ray.get(handle), device)
+    return _moved(ray.get(handle), device)
 
 
 def _prepare_classic(model: torch.nn.Module, workdir: str) -> Prepared:
@@ -260,7 +260,7 @@ def _load_classic(handle: ray.ObjectRef, spec: ModelSpec, device: str) -> torch.
             module.register_parameter(name, torch.nn.Parameter(torch.as_tensor(array), requires_grad=False))
         for name, array in entry["buffers"].items():
             module.register_buffer(name, torch.as_tensor(array))
-    return to_device(skeleton, device)
+    return _moved(skeleton, device)
 
 
 def _prepare_torch_file(model: torch.nn.Module, workdir: str) -> Prepared:
@@ -270,11 +270,11 @@ def _prepare_torch_file(model: torch.nn.Module, workdir: str) -> Prepared:
 
 
 def _load_torch(handle: str, spec: ModelSpec, device: str) -> torch.nn.Module:
-    return to_device(load_torch_file(spec, handle, mmap=False), device)
+    return _moved(load_torch_file(spec, handle, mmap=False), device)
 
 
 def _load_torch_mmap(handle: str, spec: ModelSpec, device: str) -> torch.nn.Module:
-    return to_device(load_torch_file(spec, handle, mmap=True), device)
+    return _moved(load_torch_file(spec, handle, mmap=True), device)
 
 
 def _prepare_safetensors(model: torch.nn.Module, workdir: str) -> Prepared:
@@ -292,7 +292,7 @@ def _load_safetensors(handle: tuple[str, dict[str, str]], spec: ModelSpec, devic
     path, aliases = handle
     model = build_model(spec, meta=True)
     assign_tensors(model, load_file(path), aliases)
-    return to_device(model, device)
+    return _moved(model, device)
 
 
 @dataclass(frozen=True)

@@ -280,29 +280,20 @@ _kept_lock = threading.Lock()
 @contextlib.contextmanager
 def _pinned_ring(nbuf: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
     """``nbuf`` pinned staging buffers: ordinary memory pinned with cudaHostRegister (8x cheaper than
-    cudaHostAlloc on the measured machine), else torch's pinned allocator.
+    cudaHostAlloc on the measured machine), else torch's pinned allocator (which caches it itself).
 
-    One ring (48 MiB by default) is kept pinned for the next load in this process: allocating,
-    touching and pinning it again cost ~10 ms a load, a sixth of a 1.5 GB copy.
+    One registered ring (48 MiB by default) is kept pinned for the next load in this process:
+    allocating, touching and pinning it again cost ~10 ms a load, a sixth of a 1.5 GB copy.
     """
-    with _kept_lock:
-        ring = _kept_ring.pop() if _kept_ring else None
-    if ring is not None and ring.shape != (nbuf, chunk_bytes):  # other settings since: let it go
-        _get_cudart().unregister(ring.data_ptr())
-        ring = None
-    if ring is None and RING_PINNING == "register":
-        ring = torch.empty((nbuf, chunk_bytes), dtype=torch.uint8)
-        try:
-            _get_cudart().pin(ring.data_ptr(), ring.nbytes, flags=0)  # written by the CPU: not read-only
-        except PinError as exc:
-            warn_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
-            ring = None
+    ring = _take_kept_ring((nbuf, chunk_bytes))
+    if ring is None:
+        ring = _registered_ring(nbuf, chunk_bytes)
     if ring is None:
         try:
             ring = torch.empty((nbuf, chunk_bytes), dtype=torch.uint8, pin_memory=True)
         except RuntimeError as exc:  # memlock limits, out of memory
             raise _NoPinnedMemory(str(exc)) from exc
-        yield ring  # torch's pinned allocator caches it itself
+        yield ring
         return
     try:
         yield ring
@@ -313,6 +304,28 @@ def _pinned_ring(nbuf: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
                 _kept_ring.append(ring)
         if not keep:  # another load in this process kept its ring first
             _get_cudart().unregister(ring.data_ptr())
+
+
+def _take_kept_ring(shape: tuple[int, int]) -> torch.Tensor | None:
+    """The kept ring if it has this shape; one of another shape (other settings since) is unpinned."""
+    with _kept_lock:
+        ring = _kept_ring.pop() if _kept_ring else None
+    if ring is not None and ring.shape != shape:
+        _get_cudart().unregister(ring.data_ptr())
+        ring = None
+    return ring
+
+
+def _registered_ring(nbuf: int, chunk_bytes: int) -> torch.Tensor | None:
+    if RING_PINNING != "register":
+        return None
+    ring = torch.empty((nbuf, chunk_bytes), dtype=torch.uint8)
+    try:
+        _get_cudart().pin(ring.data_ptr(), ring.nbytes, flags=0)  # written by the CPU: not read-only
+    except PinError as exc:
+        warn_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
+        return None
+    return ring
 
 
 def _stream_through(ring: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, cursor: _Cursor, threads: int) -> None:

@@ -187,14 +187,14 @@ def rebuild_model(
     tensors: Mapping[str, torch.Tensor],
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
     as_parameters: bool = True,
-    placed: dict[PersistentId, torch.Tensor] | None = None,
+    placed: list[tuple[str, torch.Tensor]] | None = None,
 ) -> torch.nn.Module:
     """Unpickle ``skeleton`` with its weights taken from ``tensors`` (no copy); eval mode, no grad.
 
     ``layouts`` restores the strides of permuted tensors (see :func:`split_model`). With
     ``as_parameters=False`` parameters stay plain tensors (skips the ``nn.Parameter`` wrap).
-    If ``placed`` is a dict it receives each object put into the model, by persistent id (what
-    the write guard watches).
+    If ``placed`` is a list it receives ``(name, object)`` for each object put into the model
+    (what the write guard watches: ``guard_model(model, placed)``).
     """
     file = io.BytesIO(skeleton)
     pids = pickle.load(file)
@@ -211,7 +211,7 @@ def rebuild_model(
         unpickler.persistent_load = objects.__getitem__  # (a C lookup per weight, no Python call)
         model = unpickler.load()
     if placed is not None:
-        placed.update(zip(pids, objects))
+        placed += [(name, t) for (name, _), t in zip(pids, objects)]
     # every module was pickled in eval mode (see split_model): a root in train mode means a
     # __setstate__ of its own changed that; walking all modules per load would cost more than eval()
     return model.eval() if model.training else model

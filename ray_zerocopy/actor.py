@@ -207,10 +207,10 @@ def _load(
         tensors = private_copies(tensors)
     if private_copy or dev.type != "cpu":
         return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
-    placed: dict = {}
+    placed: list = []
     tensors = readonly_views(tensors, chosen.shared_memory_marker)
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
-    return guard_model(model, [(name, t) for (name, _), t in placed.items()], ref.norm_layers)
+    return guard_model(model, placed, ref.norm_layers)
 
 
 def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, use_fast_load: bool) -> Any:
@@ -227,10 +227,10 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, 
     except Exception as exc:  # no CUDA IPC, holder failed to start, ...
         warn_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
         return None
-    placed: dict = {}
+    placed: list = []
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
     weakref.finalize(model, gpu_share.release, holder, os.getpid())
-    return guard_model(model, [(name, t) for (name, _), t in placed.items()], ref.norm_layers,
+    return guard_model(model, placed, ref.norm_layers,
                        restore=lambda: ray.get(holder.restore.remote()))
 
 

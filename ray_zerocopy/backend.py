@@ -59,6 +59,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@functools.lru_cache(maxsize=None)  # (called per tensor on a load's hot path)
 def dtype_from_name(name: str) -> torch.dtype:
     """Inverse of :func:`dtype_name`; raises ``ValueError`` for names torch does not know."""
     dtype = getattr(torch, name, None)
@@ -104,7 +105,7 @@ def tensors_in_buffer(
     read-only mapping, so an in-place write faults instead of changing every actor's weights
     (see ``guard.py``). The fast CPU path of one-buffer backends (``packed``, ``safetensors``).
     """
-    return _views(buf.ctypes.data, buf.nbytes, buf, entries, marker, private=buf)
+    return _views(_address(buf), buf.nbytes, buf, entries, marker, private=buf)
 
 
 def tensors_in_arrays(
@@ -118,20 +119,18 @@ def tensors_in_arrays(
     ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
     array's address: the first and last are checked against them, and all are read if they differ.
     """
-    if offsets:  # (one pass over the tensors below, in _views: this is a load's hot path)
-        first, last = next(iter(offsets)), next(reversed(offsets))
-        lo = _address(arrays[first]) - offsets[first]
-        if _address(arrays[last]) != lo + offsets[last]:
-            offsets = None
-    if not offsets:  # an empty tensor has no bytes to share
-        offsets = array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
-        first = next(iter(offsets), None)
-        lo = _address(arrays[first]) - offsets[first] if first is not None else 0
+    def origin(k: str) -> int:  # where the offsets count from, according to array k
+        return _address(arrays[k]) - offsets[k]
+
+    if offsets and origin(next(iter(offsets))) != origin(next(reversed(offsets))):
+        offsets = None  # another layout than this object's
+    # (one pass over the tensors, in _views: this is a load's hot path; an empty tensor has no bytes to share)
+    offsets = offsets or array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
     out = {}
     if offsets:
         top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
-        nbytes = offsets[top] + arrays[top].nbytes
-        out = _views(lo, nbytes, arrays, [(k, *specs[k], off) for k, off in offsets.items()], marker) or {}
+        entries = [(k, *specs[k], off) for k, off in offsets.items()]
+        out = _views(origin(top), offsets[top] + arrays[top].nbytes, arrays, entries, marker) or {}
     if len(out) == len(specs):
         return out
     with quiet_readonly():  # private memory (no twin) or empty tensors: plain views, one per array
@@ -148,11 +147,6 @@ def array_offsets(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
 
 def _address(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0]
-
-
-@functools.lru_cache(maxsize=None)
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    return dtype_from_name(dtype) if isinstance(dtype, str) else dtype
 
 
 def _views(
@@ -173,7 +167,7 @@ def _views(
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     out = {}
     for name, dtype, shape, offset in entries:
-        dtype = _dtype(dtype)
+        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
         first = offset % dtype.itemsize  # a base starting here puts every element at a whole index
         base = bases.get((dtype, first))
         if base is None:

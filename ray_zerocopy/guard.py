@@ -95,6 +95,9 @@ class _Twin:
     def release(self) -> None:
         self.users -= 1
 
+    def holds(self, ptr: int) -> bool:
+        return bool(self.addr) and self.addr <= ptr < self.addr + self.vma.end - self.vma.start
+
 
 _twins: dict[tuple[int, int], _Twin] = {}  # by the (start, end) of the mapping it twins
 
@@ -184,7 +187,7 @@ def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> 
     spans: dict[int, tuple[_Twin, list[str]]] = {}  # by the mapping they lie in
     private: list[str] = []
     for ptr, names in by_storage.items():
-        if any(tw.addr and tw.addr <= ptr < tw.addr + tw.vma.end - tw.vma.start for tw in _twins.values()):
+        if any(twin.holds(ptr) for twin in _twins.values()):
             continue
         twin = _twin_of(marker, ptr, ptr + tensors[names[0]].untyped_storage().nbytes())
         if twin is None:

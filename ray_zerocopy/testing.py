@@ -97,13 +97,14 @@ def zoo_input(batch: int = 3, seq: int = 8, vocab: int = 50, seed: int = 1) -> t
 # ---------------------------------------------------------------- zero-copy proof
 
 
-def _shared_mappings(marker: str) -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's shared memory mappings whose path contains ``marker``."""
+def _shared_mappings(marker: str, writable: bool = False) -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's shared memory mappings whose path contains ``marker``
+    (only the writable ones with ``writable``: Ray's own, not the read-only twins of ``guard.py``)."""
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[1][3] == "s" and marker in parts[5]:
+            if len(parts) == 6 and parts[1][3] == "s" and marker in parts[5] and (parts[1][1] == "w" or not writable):
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 out.append((lo, hi, parts[5].strip()))
     return out

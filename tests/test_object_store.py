@@ -11,17 +11,11 @@ import torch
 from ray_zerocopy import array_offsets
 from ray_zerocopy._tensors import split_model
 from ray_zerocopy.backends import object_store
-from ray_zerocopy.testing import zoo_model
+from ray_zerocopy.testing import _shared_mappings, zoo_model
 
 
 def bits(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _writable_store_mappings() -> list[tuple[int, int]]:
-    with open("/proc/self/maps") as f:
-        rows = [line.split(maxsplit=5) for line in f]
-    return [tuple(int(x, 16) for x in r[0].split("-")) for r in rows if len(r) == 6 and r[1][1] == "w" and "plasma" in r[5]]
 
 
 @ray.remote
@@ -29,11 +23,11 @@ def _load_report(payload):
     from ray_zerocopy.plugins import get_backend
 
     tensors = get_backend("object_store").get(payload, torch.device("cpu"))
-    maps = _writable_store_mappings()
+    maps = _shared_mappings("plasma", writable=True)
     return {
         "bits": {k: (t.dtype, tuple(t.shape), bits(t)) for k, t in tensors.items()},
         "offsets_here": array_offsets({k: a for k, a in ray.get(payload.ref).items() if a.nbytes}),
-        "in_rays_mapping": [k for k, t in tensors.items() if t.nbytes and any(lo <= t.data_ptr() < hi for lo, hi in maps)],
+        "in_rays_mapping": [k for k, t in tensors.items() if t.nbytes and any(lo <= t.data_ptr() < hi for lo, hi, _ in maps)],
     }
 
 
