@@ -1,9 +1,10 @@
-"""The default transport: one object in Ray's object store holding one numpy array per tensor.
+"""The default transport: one object in Ray's object store holding each tensor's bytes as one buffer.
 
-Numpy arrays stay out of band in Ray's serializer (64-byte aligned, zero-copy on get),
-so an actor's ``ray.get`` returns read-only arrays that point into the node's shared
-memory, and each tensor is a view of one of them. Every tensor travels as raw bytes
-(a uint8 array) plus its dtype name, so bfloat16 and fp8 work although numpy lacks them.
+The buffers stay out of band in Ray's serializer, laid out as it lays out numpy arrays
+(64-byte aligned, zero-copy on get), so an actor's ``ray.get`` returns read-only buffers
+that point into the node's shared memory, and each tensor is a view of one of them.
+Every tensor travels as raw bytes plus its dtype name, so bfloat16 and fp8 work
+although numpy lacks them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import pickle
 from dataclasses import dataclass
 from typing import Mapping
 
-import numpy as np
 import ray
 import torch
 
@@ -31,27 +31,27 @@ from ray_zerocopy import (
 
 @dataclass(frozen=True)
 class ObjectStorePayload:
-    ref: ray.ObjectRef  # -> dict[name, np.ndarray(uint8)]
+    ref: ray.ObjectRef  # -> dict[name, buffer of the tensor's bytes]
     specs: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype name, shape)
     offsets: dict[str, int] | None = None  # name -> where Ray put its array in the object (array_offsets)
 
 
-class _Bytes(np.ndarray):
-    """A uint8 array that Ray's pickle (protocol 5) stores as one ``numpy.frombuffer`` call over its
-    out-of-band buffer: ``ray.get`` then makes a plain array in one C call, 2-3x faster than after
-    numpy's own reduce (a Python function and a reshape per array). Only the driver needs this class."""
+class _Buffers(dict):
+    """name -> the PickleBuffer of a tensor's bytes. Ray's serializer takes a dict subclass as one
+    pickle (protocol 5, each buffer out of band, 64-byte aligned, as it stores a numpy array), where a
+    plain dict goes through msgpack with a Python call per value. ``ray.get`` then gives a plain dict of
+    read-only buffers into the object, made by one C call and no numpy array per tensor: 0.55 ms for
+    bert's 201 in a worker, against 0.8-1.0 ms for a dict of numpy arrays. Only the driver needs this."""
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        if protocol < 5:
-            return np.asarray(self).__reduce_ex__(protocol)
-        return np.frombuffer, (pickle.PickleBuffer(self), np.uint8)
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
 
 
 class ObjectStoreBackend(Backend):
     name = "object_store"
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> ObjectStorePayload:
-        ref = ray.put({k: tensor_to_bytes(t).view(_Bytes) for k, t in weights.items()})
+        ref = ray.put(_Buffers({k: pickle.PickleBuffer(tensor_to_bytes(t)) for k, t in weights.items()}))
         # read once here, so that actors need not read every array's address (tensors_in_arrays);
         # not through Ray Client, where ray.get would download the whole object
         offsets = None if ray.util.client.ray.is_connected() else array_offsets(

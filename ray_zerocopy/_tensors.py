@@ -3,8 +3,9 @@
 The skeleton is the model pickled with every parameter and buffer replaced by a
 persistent id (an index into the list of (canonical dotted name, is a Parameter) pickled
 ahead of it), so the driver never copies a weight to build it, and an actor's unpickle
-puts the shared-memory views straight into each
-module's ``_parameters`` / ``_buffers``. Tied weights (one tensor reachable under
+puts the shared-memory views straight into each module's ``_parameters`` / ``_buffers``.
+Module states are set by :func:`_set_module_state` where ``Module.__setstate__`` would add
+nothing (the header also names the attributes it adds in the driver's torch). Tied weights (one tensor reachable under
 several names, or several tensors viewing the same bytes) are stored once and come
 back as one object, so ties stay tied.
 """
@@ -143,21 +144,49 @@ def split_model(model: torch.nn.Module) -> SplitModel:
 
 
 class _SkeletonPickler(cloudpickle.Pickler):
-    """cloudpickle (so classes defined in ``__main__`` work) with weights swapped for persistent ids."""
+    """cloudpickle (so classes defined in ``__main__`` work) with weights swapped for persistent ids,
+    and modules whose state :func:`_set_module_state` can set marked for it."""
 
-    def __init__(self, file: io.BytesIO, ids: Mapping[int, int]) -> None:
+    def __init__(self, file: io.BytesIO, ids: Mapping[int, int], setter: int | None = None) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._ids = ids
+        self._setter = setter  # the persistent id of the state setter (the actor picks which one it is)
 
     def persistent_id(self, obj: object) -> int | None:
+        if obj is _set_module_state:
+            return self._setter
         return self._ids.get(id(obj)) if isinstance(obj, torch.Tensor) else None
+
+    def reducer_override(self, obj: object) -> object:
+        if self._setter is not None and isinstance(obj, torch.nn.Module) and type(obj).__setstate__ is _SETSTATE:
+            rv = obj.__reduce_ex__(self.proto)  # (copyreg.__newobj__, (cls,), state, None, None)
+            if isinstance(rv, tuple) and len(rv) == 5 and isinstance(rv[2], dict) and rv[2].keys() >= _ATTRS:
+                return (*rv, _set_module_state)  # a 6th item: pickle calls it with (module, state)
+        return super().reducer_override(obj)
+
+
+_SETSTATE = torch.nn.Module.__setstate__
+_ATTRS = frozenset(torch.nn.Module().__dict__)  # what Module.__setstate__ adds where a state lacks it
+
+
+def _set_module_state(module: torch.nn.Module, state: dict) -> None:
+    """``Module.__setstate__`` for a state that has every attribute it would add (half a skeleton's
+    unpickle went to that Python function). Used where the actor's torch adds none the driver's lacks."""
+    if type(module).__setstate__ is _SETSTATE:
+        module.__dict__.update(state)
+    else:  # the actor's class has a __setstate__ of its own
+        module.__setstate__(state)
+
+
+def _plain_set_module_state(module: torch.nn.Module, state: dict) -> None:
+    module.__setstate__(state)
 
 
 def _dumps(obj: object, ids: Mapping[int, int], pids: list[PersistentId] | None = None) -> bytes:
     buf = io.BytesIO()
-    if pids is not None:  # first the weights' (name, is a Parameter) by index, then the module
-        pickle.dump(pids, buf, protocol=pickle.HIGHEST_PROTOCOL)
-    _SkeletonPickler(buf, ids).dump(obj)
+    if pids is not None:  # first the weights' (name, is a Parameter) by index and Module's attributes here
+        pickle.dump((pids, sorted(_ATTRS)), buf, protocol=pickle.HIGHEST_PROTOCOL)
+    _SkeletonPickler(buf, ids, None if pids is None else len(pids)).dump(obj)
     return buf.getvalue()
 
 
@@ -197,7 +226,7 @@ def rebuild_model(
     (what the write guard watches: ``guard_model(model, placed)``).
     """
     file = io.BytesIO(skeleton)
-    pids = pickle.load(file)
+    pids, attrs = pickle.load(file)
     objects = []
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
         for name, is_param in pids:
@@ -207,11 +236,12 @@ def rebuild_model(
             if is_param and as_parameters:  # _make_subclass: what Parameter() does for a plain tensor, 3x faster
                 t = torch.Tensor._make_subclass(_PARAM, t, False) if type(t) is torch.Tensor else _PARAM(t, False)
             objects.append(t)
+        objects.append(_set_module_state if _ATTRS.issubset(attrs) else _plain_set_module_state)
         unpickler = pickle.Unpickler(file)
         unpickler.persistent_load = objects.__getitem__  # (a C lookup per weight, no Python call)
         model = unpickler.load()
     if placed is not None:
-        placed += [(name, t) for (name, _), t in zip(pids, objects)]
+        placed += [(name, t) for (name, _), t in zip(pids, objects)]  # (zip stops before the setter)
     # every module was pickled in eval mode (see split_model): a root in train mode means a
     # __setstate__ of its own changed that; walking all modules per load would cost more than eval()
     return model.eval() if model.training else model

@@ -109,12 +109,13 @@ def tensors_in_buffer(
 
 
 def tensors_in_arrays(
-    arrays: Mapping[str, np.ndarray], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
+    arrays: Mapping[str, Any], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
     marker: str = "plasma", offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """:func:`tensor_from_bytes` of ``arrays[name]`` with ``specs[name]`` (dtype, shape) for every name,
-    read-only (as :func:`tensors_in_buffer`) where the arrays lie in one shared mapping, such as
-    the arrays of one object in Ray's store. No copy. The CPU path of the ``object_store`` backend.
+    """:func:`tensor_from_bytes` of ``arrays[name]`` (a uint8 numpy array or a buffer) with ``specs[name]``
+    (dtype, shape) for every name, read-only (as :func:`tensors_in_buffer`) where the arrays lie in one
+    shared mapping, such as the buffers of one object in Ray's store. No copy. The CPU path of the
+    ``object_store`` backend.
 
     ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
     array's address: the first and last are checked against them, and all are read if they differ.
@@ -137,15 +138,17 @@ def tensors_in_arrays(
         return {k: out[k] if k in out else tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}
 
 
-def array_offsets(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Byte offset of each array from the 64-byte boundary at or below the lowest one. For the arrays
+def array_offsets(arrays: Mapping[str, Any]) -> dict[str, int]:
+    """Byte offset of each array (or buffer) from the 64-byte boundary at or below the lowest one. For the arrays
     of one Ray object they are the same in every process that gets it (the object's bytes are)."""
     addrs = {k: _address(a) for k, a in arrays.items()}
     lo = min(addrs.values(), default=0) // 64 * 64
     return {k: a - lo for k, a in addrs.items()}
 
 
-def _address(array: np.ndarray) -> int:
+def _address(array: Any) -> int:
+    if not isinstance(array, np.ndarray):  # a buffer (Ray gives the object_store transport's as such)
+        array = np.frombuffer(array, np.uint8)
     return array.__array_interface__["data"][0]
 
 
@@ -154,18 +157,19 @@ def _views(
     marker: str, private: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """``(name, dtype, shape, byte offset from addr)`` -> contiguous tensors over the ``nbytes`` from
-    ``addr``, seen through the read-only twin of their shared mapping (``keep`` keeps them alive).
+    ``addr``, seen through the read-only twin of their shared mapping (``keep`` keeps them alive),
+    as a :class:`~ray_zerocopy.guard.TwinViews`.
 
     One ``as_strided`` view per tensor, of one base per (dtype, misalignment). Views of one base
     share its version counter, which costs the write guard nothing here: a write into the twin
     faults before any counter is read. Without a twin (private memory) the views are made over
     ``private`` (the uint8 array at ``addr``), or None is returned where it is None.
     """
-    from ray_zerocopy.guard import readonly_storage
+    from ray_zerocopy.guard import TwinViews, readonly_storage
 
     bases: dict[tuple[torch.dtype, int], torch.Tensor] = {}
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
-    out = {}
+    out = TwinViews()
     for name, dtype, shape, offset in entries:
         dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
         first = offset % dtype.itemsize  # a base starting here puts every element at a whole index
@@ -175,6 +179,7 @@ def _views(
             if storage is None and private is None:
                 return None
             if storage is None:
+                out = dict(out)  # (not a TwinViews: readonly_views must look at these)
                 with quiet_readonly():
                     storage = torch.from_numpy(private[first:]).untyped_storage()
             size = (nbytes - first) // dtype.itemsize

@@ -169,6 +169,11 @@ def _twin_storage(twin: _Twin, lo: int, nbytes: int, keep: object) -> torch.Unty
     return torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
 
 
+class TwinViews(dict):
+    """Tensors by name that all lie in read-only twins (what ``tensors_in_buffer`` and ``tensors_in_arrays``
+    give where they can): :func:`readonly_views` returns them as they are, without looking at each."""
+
+
 def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> dict[str, torch.Tensor]:
     """The same tensors, ready for the write guard: those in a writable shared mapping of ``marker``
     re-pointed at its read-only twin, each with a version counter of its own.
@@ -179,6 +184,8 @@ def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> 
     re-made on the same memory: views share their base's version counter, so a write could not be
     traced to its tensor.
     """
+    if type(tensors) is TwinViews:
+        return tensors
     _drop_stale_twins(marker)
     by_storage: dict[int, list[str]] = {}
     for name, t in tensors.items():
