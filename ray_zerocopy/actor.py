@@ -7,14 +7,12 @@ its CPU weights being views into the node's shared object store.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import os
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import ray
 import torch
@@ -181,23 +179,9 @@ def load_model_in_actor(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadDtypeError(dtype)
     try:
-        with _gc_paused():
-            return _load(model_ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
+        return _load(model_ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
         raise WeightsLostError(exc) from exc
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No garbage collection while a load makes its thousands of objects (modules, their dicts,
-    tensors), which all live on: a collection would only walk them (~10% of a bert-base reload)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _load(

@@ -3,12 +3,9 @@ through it (or a class's own ``__setstate__``) everywhere else."""
 
 from __future__ import annotations
 
-import gc
-
-import pytest
 import torch
 
-from ray_zerocopy import _tensors, load_model_in_actor, prepare_model_for_actors
+from ray_zerocopy import _tensors
 from ray_zerocopy._tensors import rebuild_model, split_model
 
 
@@ -55,14 +52,3 @@ def test_an_actor_whose_torch_adds_an_attribute_gets_it(monkeypatch):
     loaded = rebuild_model(split.skeleton, split.weights, split.layouts)
     assert all(m._added_by_a_newer_torch for m in loaded.modules())
 
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_a_load_leaves_garbage_collection_as_it_found_it(ray_local, enabled):
-    ref = prepare_model_for_actors(torch.nn.Linear(4, 4))
-    try:
-        if not enabled:
-            gc.disable()
-        load_model_in_actor(ref)
-        assert gc.isenabled() is enabled
-    finally:
-        gc.enable()
