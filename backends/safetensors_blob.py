@@ -9,6 +9,7 @@ slices views out of the shared buffer; for a GPU the whole blob is copied in one
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -130,7 +131,7 @@ def _entry(name: str, info: Any, data_start: int, data_len: int) -> Entry:
     return name, DTYPES[dtype], tuple(shape), begin, end
 
 
-def parse_blob(blob: np.ndarray) -> tuple[int, list[Entry]]:
+def parse_blob(blob: np.ndarray) -> tuple[int, tuple[Entry, ...]]:
     """Validate a safetensors blob completely and return (data start, entries) without making any view.
 
     Raises:
@@ -142,8 +143,16 @@ def parse_blob(blob: np.ndarray) -> tuple[int, list[Entry]]:
     n = int.from_bytes(blob[:8].tobytes(), "little")
     if n < 2 or n > MAX_HEADER or 8 + n > size:
         raise PayloadError(None, f"header length {n} is impossible for a blob of {size} bytes (limit {MAX_HEADER})")
+    return _parse_header(blob[8 : 8 + n].tobytes(), size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_header(raw: bytes, size: int) -> tuple[int, tuple[Entry, ...]]:
+    """:func:`parse_blob` after the length: once per distinct header and blob size in a process (a reload
+    of GPT-2's 364 tensors skips ~2 ms of JSON and checks)."""
+    n = len(raw)
     try:
-        header = json.loads(blob[8 : 8 + n].tobytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, PayloadError):
             raise
@@ -152,7 +161,7 @@ def parse_blob(blob: np.ndarray) -> tuple[int, list[Entry]]:
         raise PayloadError(None, f"header must be a JSON object, got {type(header).__name__}")
     header.pop("__metadata__", None)  # free-form text written by other tools; carries no layout
     data_start, data_len = 8 + n, size - 8 - n
-    entries = sorted((_entry(k, v, data_start, data_len) for k, v in header.items()), key=lambda e: e[3:])
+    entries = tuple(sorted((_entry(k, v, data_start, data_len) for k, v in header.items()), key=lambda e: e[3:]))
     expected = 0
     for name, _, _, begin, end in entries:
         if begin != expected:
@@ -164,7 +173,7 @@ def parse_blob(blob: np.ndarray) -> tuple[int, list[Entry]]:
     return data_start, entries
 
 
-def views(base: torch.Tensor, data_start: int, entries: list[Entry]) -> dict[str, torch.Tensor]:
+def views(base: torch.Tensor, data_start: int, entries: tuple[Entry, ...]) -> dict[str, torch.Tensor]:
     """Tensors sliced out of ``base`` (the whole blob as a 1-D uint8 tensor, on any device)."""
     out = {}
     for name, dtype, shape, begin, end in entries:
