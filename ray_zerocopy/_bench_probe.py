@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import threading
 import time
 import warnings
@@ -127,6 +128,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+FAST_S = 0.05  # warm loads faster than this are repeated up to --fast-repeats times
+
+
 @ray.remote(num_cpus=1)
 class BenchActor:
     """A fresh worker process that loads the model with one approach and reports times and memory.
@@ -185,10 +189,12 @@ class BenchActor:
         del reference
         return float((self.out - expected).abs().max())
 
-    def warm(self, approach: str, wrapped: list[Any], repeats: int) -> list[float]:
-        """Seconds of each of ``repeats`` further loads in this process (the previous model is dropped first)."""
-        times = []
-        for _ in range(repeats):
+    def warm(self, approach: str, wrapped: list[Any], repeats: int, fast_repeats: int = 0) -> list[float]:
+        """Seconds of each of ``repeats`` further loads in this process (the previous model is dropped
+        first), or of ``fast_repeats`` while their median is under ``FAST_S`` (cheap to repeat: more
+        samples steady the median on a busy machine)."""
+        times: list[float] = []
+        while len(times) < repeats or (len(times) < fast_repeats and statistics.median(times) < FAST_S):
             self.model = self.out = None
             gc.collect()
             times.append(self._load(approach, wrapped[0]))

@@ -67,6 +67,7 @@ class Options:
     actors: int
     device: str
     repeats: int
+    fast_repeats: int
 
 
 @dataclass
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma list of: ours, {', '.join(OTHERS)}, or rzc:<backend> (default all)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda: load onto each actor's GPU")
     p.add_argument("--repeats", type=int, default=3, help="warm loads per actor (default 3)")
+    p.add_argument("--fast-repeats", type=int, default=20,
+                   help="warm loads per actor for approaches whose loads take under 50 ms (default 20)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--png", dest="png_path", help="draw the chart (PNG) here")
     p.add_argument("--child-workdir", help=argparse.SUPPRESS)  # internal: the second driver for ray_native
@@ -125,12 +128,13 @@ def _select(args: argparse.Namespace) -> list[str]:
 def parse_options(argv: list[str]) -> Options:
     """Parse and check the command line (errors name the bad value and the allowed ones)."""
     args = _parser().parse_args(argv)
-    if args.actors < 1 or args.repeats < 1:
-        raise ValueError(f"--actors and --repeats must be >= 1, got {args.actors} and {args.repeats}")
+    if args.actors < 1 or args.repeats < 1 or args.fast_repeats < 0:
+        raise ValueError(f"--actors and --repeats must be >= 1 and --fast-repeats >= 0, got {args.actors}, "
+                         f"{args.repeats} and {args.fast_repeats}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     spec = make_spec(args.model, args.dtype, args.layers, args.hidden)
-    return Options(args, spec, _select(args), args.actors, args.device, args.repeats)
+    return Options(args, spec, _select(args), args.actors, args.device, args.repeats, args.fast_repeats)
 
 
 def _start_ray(opts: Options, model_bytes: int) -> None:
@@ -177,8 +181,9 @@ def _measure_actors(
         res["actor_uss_added_bytes"] = [m["uss"] for m in mem]
         res["actor_store_pss_bytes"] = [m["store_pss"] for m in mem]
         res["max_abs_diff"] = ray.get(actors[0].check.remote(ctx.reference))
-        progress(f"  {name}: {opts.repeats} warm loads in each actor")
-        res["warm_s"] = [t for a in actors for t in ray.get(a.warm.remote(name, wrapped, opts.repeats))]
+        progress(f"  {name}: {opts.repeats} warm loads in each actor ({opts.fast_repeats} if under 50 ms)")
+        res["warm_s"] = [t for a in actors
+                         for t in ray.get(a.warm.remote(name, wrapped, opts.repeats, opts.fast_repeats))]
     finally:
         for a in actors:
             ray.kill(a)
@@ -228,7 +233,8 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
 def _child_argv(opts: Options, workdir: str) -> list[str]:
     a = opts.args
     argv = ["--model", a.model, "--dtype", a.dtype, "--actors", str(a.actors), "--device", a.device,
-            "--repeats", str(a.repeats), "--approaches", NATIVE, "--child-workdir", workdir]
+            "--repeats", str(a.repeats), "--fast-repeats", str(a.fast_repeats), "--approaches", NATIVE,
+            "--child-workdir", workdir]
     argv += ["--layers", str(a.layers)] if a.layers is not None else []
     return argv + (["--hidden", str(a.hidden)] if a.hidden is not None else [])
 
@@ -267,7 +273,8 @@ def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]
     return {
         "model": opts.spec.name, "family": opts.spec.family, "config": opts.spec.config, "dtype": opts.spec.dtype,
         "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
-        "actors": opts.actors, "device": opts.device, "repeats": opts.repeats, "cpus": psutil.cpu_count(),
+        "actors": opts.actors, "device": opts.device, "repeats": opts.repeats,
+        "fast_repeats": opts.fast_repeats, "cpus": psutil.cpu_count(),
         "load_avg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                      "transformers": transformers.__version__},

@@ -31,7 +31,8 @@ def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dic
 @pytest.mark.slow
 def test_every_approach_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     png = tmp_path / "bench.png"
-    proc, data = _bench(tmp_path, "--model", "tiny-gpt2", "--actors", "2", "--repeats", "2", "--png", str(png))
+    proc, data = _bench(tmp_path, "--model", "tiny-gpt2", "--actors", "2", "--repeats", "2", "--fast-repeats", "0",
+                        "--png", str(png))
     assert proc.returncode == 0, proc.stderr[-4000:]
     names = [r["name"] for r in data["results"]]
     assert names == ["rzc:" + b for b in backend_names()] + ALTERNATIVES  # the fake test backend included
@@ -58,10 +59,11 @@ def test_every_approach_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_path: Path) -> None:
     proc, data = _bench(tmp_path, "--model", "tiny-bert", "--dtype", "bfloat16", "--actors", "1", "--repeats", "1",
-                        "--approaches", "rzc:object_store,classic")
+                        "--fast-repeats", "6", "--approaches", "rzc:object_store,classic")
     assert proc.returncode == 0, proc.stderr[-4000:]
     ours, classic = data["results"]
     assert ours["name"] == "rzc:object_store" and ours["ok"] and ours["max_abs_diff"] == 0.0
+    assert len(ours["warm_s"]) == 6  # loads under 50 ms are repeated --fast-repeats times
     assert classic["name"] == "classic" and not classic["ok"]
     assert "BFloat16" in classic["error"]  # numpy has no bfloat16: the classic recipe's known limit
     assert "FAILED" in proc.stdout
@@ -74,6 +76,7 @@ def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_pa
         (["--approaches", "nope"], "unknown 'nope'"),
         (["--backends", "nope"], "unknown ['nope']"),
         (["--actors", "0"], "got 0"),
+        (["--fast-repeats", "-1"], "--fast-repeats >= 0, got 4, 3 and -1"),
         (["--device", "tpu"], "got 'tpu'"),
     ],
 )
