@@ -33,7 +33,7 @@ from ray_zerocopy import (
 class ObjectStorePayload:
     ref: ray.ObjectRef  # -> dict[name, buffer of the tensor's bytes]
     specs: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype name, shape)
-    offsets: dict[str, int] | None = None  # name -> where Ray put its array in the object (array_offsets)
+    offsets: dict[str, int] | None = None  # name -> where Ray put its buffer in the object (array_offsets)
 
 
 class _Buffers(dict):

@@ -5,9 +5,9 @@ persistent id (an index into the list of (canonical dotted name, is a Parameter)
 ahead of it), so the driver never copies a weight to build it, and an actor's unpickle
 puts the shared-memory views straight into each module's ``_parameters`` / ``_buffers``.
 Module states are set by :func:`_set_module_state` where ``Module.__setstate__`` would add
-nothing (the header also names the attributes it adds in the driver's torch). Tied weights (one tensor reachable under
-several names, or several tensors viewing the same bytes) are stored once and come
-back as one object, so ties stay tied.
+nothing (the header also names the attributes it adds in the driver's torch). Tied weights
+(one tensor reachable under several names, or several tensors viewing the same bytes) are
+stored once and come back as one object, so ties stay tied.
 """
 
 from __future__ import annotations
@@ -170,8 +170,9 @@ _ATTRS = frozenset(torch.nn.Module().__dict__)  # what Module.__setstate__ adds 
 
 
 def _set_module_state(module: torch.nn.Module, state: dict) -> None:
-    """``Module.__setstate__`` for a state that has every attribute it would add (half a skeleton's
-    unpickle went to that Python function). Used where the actor's torch adds none the driver's lacks."""
+    """``Module.__setstate__`` for a state that has every attribute it would add: that Python function
+    looks for a dozen attributes per module (~12% of rebuilding bert-base). Used where the actor's
+    torch adds none that the driver's lacks."""
     if type(module).__setstate__ is _SETSTATE:
         module.__dict__.update(state)
     else:  # the actor's class has a __setstate__ of its own
