@@ -82,7 +82,8 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"{meta['cpus']} cores, load avg before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
     )
     notes = [
-        "cold: first load in each fresh actor process (one at a time); warm: later loads in the same actors.",
+        f"cold: first load in each of {meta['actors'] * meta['cold_rounds']} fresh actor processes (one at a time); "
+        f"warm: later loads in {meta['actors']} of them.",
         "  Each load gets what a user of that approach holds: ours the ModelRef (small; Ray Data's",
         "  fn_constructor_kwargs deliver it as is), ray_put/ray_native/classic an ObjectRef, disk loaders a path.",
         "node mem x: (object-store bytes + bytes of files the actors map their weights from, each once + sum of",

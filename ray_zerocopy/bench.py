@@ -68,6 +68,7 @@ class Options:
     device: str
     repeats: int
     fast_repeats: int
+    cold_rounds: int
 
 
 @dataclass
@@ -91,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma list of: ours, {', '.join(OTHERS)}, or rzc:<backend> (default all)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda: load onto each actor's GPU")
     p.add_argument("--repeats", type=int, default=3, help="warm loads per actor (default 3)")
+    p.add_argument("--cold-rounds", type=int, default=1,
+                   help="rounds of --actors fresh actors whose first load is timed (default 1)")
     p.add_argument("--fast-repeats", type=int, default=20,
                    help="warm loads per actor for approaches whose loads take under 50 ms (default 20)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
@@ -128,13 +131,14 @@ def _select(args: argparse.Namespace) -> list[str]:
 def parse_options(argv: list[str]) -> Options:
     """Parse and check the command line (errors name the bad value and the allowed ones)."""
     args = _parser().parse_args(argv)
-    if args.actors < 1 or args.repeats < 1 or args.fast_repeats < 0:
-        raise ValueError(f"--actors and --repeats must be >= 1 and --fast-repeats >= 0, got {args.actors}, "
-                         f"{args.repeats} and {args.fast_repeats}")
+    if min(args.actors, args.repeats, args.cold_rounds) < 1 or args.fast_repeats < 0:
+        raise ValueError(f"--actors, --repeats and --cold-rounds must be >= 1 and --fast-repeats >= 0, got "
+                         f"{args.actors}, {args.repeats}, {args.cold_rounds} and {args.fast_repeats}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     spec = make_spec(args.model, args.dtype, args.layers, args.hidden)
-    return Options(args, spec, _select(args), args.actors, args.device, args.repeats, args.fast_repeats)
+    return Options(args, spec, _select(args), args.actors, args.device, args.repeats, args.fast_repeats,
+                   args.cold_rounds)
 
 
 def _start_ray(opts: Options, model_bytes: int) -> None:
@@ -165,15 +169,15 @@ def _describe(exc: BaseException) -> str:
 def _measure_actors(
     name: str, opts: Options, ctx: Context, handle: Any, res: dict[str, Any], files_marker: str | None
 ) -> None:
-    actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
-    actors = [actor_cls.remote(opts.spec, opts.device) for _ in range(opts.actors)]
+    wrapped = [handle]
+    cold = _extra_cold_loads(name, opts, ctx, wrapped)  # first, while no actor holds a copy
+    actors = _fresh_actors(opts, ctx)
     try:
         infos = ray.get([a.info.remote() for a in actors])
         if name == NATIVE and any(i["native_flag"] != "1" for i in infos):
             raise RuntimeError(f"{NATIVE_ENV} is not set in the actors ({infos}): the measurement would be plain ray.put")
-        wrapped = [handle]
         progress(f"  {name}: cold loads in {opts.actors} fresh actors")
-        res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors]  # one at a time: no contention
+        res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors] + cold  # one at a time
         mem = ray.get([a.run_and_measure.remote(files_marker) for a in actors])
         files = {path: size for m in mem for path, size in m["files"].items()}
         res["mapped_file_bytes"] = sum(files.values())  # page cache the actors' weights live in, once
@@ -187,6 +191,27 @@ def _measure_actors(
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def _fresh_actors(opts: Options, ctx: Context) -> list[Any]:
+    actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
+    return [actor_cls.remote(opts.spec, opts.device) for _ in range(opts.actors)]
+
+
+def _extra_cold_loads(name: str, opts: Options, ctx: Context, wrapped: list[Any]) -> list[float]:
+    """Seconds of the first load in each actor of ``cold_rounds - 1`` rounds of ``actors`` fresh actors
+    (a first load happens once per process: more samples need more processes)."""
+    times: list[float] = []
+    for i in range(opts.cold_rounds - 1):
+        progress(f"  {name}: cold loads in {opts.actors} fresh actors (extra round {i + 1})")
+        extra = _fresh_actors(opts, ctx)
+        try:
+            ray.get([a.info.remote() for a in extra])
+            times += [ray.get(a.load.remote(name, wrapped)) for a in extra]
+        finally:
+            for a in extra:
+                ray.kill(a)
+    return times
 
 
 def _files_marker(name: str, adir: str) -> str | None:
@@ -233,8 +258,8 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
 def _child_argv(opts: Options, workdir: str) -> list[str]:
     a = opts.args
     argv = ["--model", a.model, "--dtype", a.dtype, "--actors", str(a.actors), "--device", a.device,
-            "--repeats", str(a.repeats), "--fast-repeats", str(a.fast_repeats), "--approaches", NATIVE,
-            "--child-workdir", workdir]
+            "--repeats", str(a.repeats), "--fast-repeats", str(a.fast_repeats), "--cold-rounds", str(a.cold_rounds),
+            "--approaches", NATIVE, "--child-workdir", workdir]
     argv += ["--layers", str(a.layers)] if a.layers is not None else []
     return argv + (["--hidden", str(a.hidden)] if a.hidden is not None else [])
 
@@ -274,7 +299,7 @@ def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]
         "model": opts.spec.name, "family": opts.spec.family, "config": opts.spec.config, "dtype": opts.spec.dtype,
         "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
         "actors": opts.actors, "device": opts.device, "repeats": opts.repeats,
-        "fast_repeats": opts.fast_repeats, "cpus": psutil.cpu_count(),
+        "fast_repeats": opts.fast_repeats, "cold_rounds": opts.cold_rounds, "cpus": psutil.cpu_count(),
         "load_avg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                      "transformers": transformers.__version__},

@@ -59,11 +59,12 @@ def test_every_approach_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_path: Path) -> None:
     proc, data = _bench(tmp_path, "--model", "tiny-bert", "--dtype", "bfloat16", "--actors", "1", "--repeats", "1",
-                        "--fast-repeats", "6", "--approaches", "rzc:object_store,classic")
+                        "--fast-repeats", "6", "--cold-rounds", "2", "--approaches", "rzc:object_store,classic")
     assert proc.returncode == 0, proc.stderr[-4000:]
     ours, classic = data["results"]
     assert ours["name"] == "rzc:object_store" and ours["ok"] and ours["max_abs_diff"] == 0.0
     assert len(ours["warm_s"]) == 6  # loads under 50 ms are repeated --fast-repeats times
+    assert len(ours["cold_s"]) == 2  # one first load per fresh actor, in two rounds of one
     assert classic["name"] == "classic" and not classic["ok"]
     assert "BFloat16" in classic["error"]  # numpy has no bfloat16: the classic recipe's known limit
     assert "FAILED" in proc.stdout
@@ -76,7 +77,8 @@ def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_pa
         (["--approaches", "nope"], "unknown 'nope'"),
         (["--backends", "nope"], "unknown ['nope']"),
         (["--actors", "0"], "got 0"),
-        (["--fast-repeats", "-1"], "--fast-repeats >= 0, got 4, 3 and -1"),
+        (["--fast-repeats", "-1"], "--fast-repeats >= 0, got 4, 3, 1 and -1"),
+        (["--cold-rounds", "0"], "got 4, 3, 0 and 20"),
         (["--device", "tpu"], "got 'tpu'"),
     ],
 )
