@@ -171,7 +171,8 @@ def _twin_storage(twin: _Twin, lo: int, nbytes: int, keep: object) -> torch.Unty
 
 class TwinViews(dict):
     """Tensors by name that all lie in read-only twins (what ``tensors_in_buffer`` and ``tensors_in_arrays``
-    give where they can): :func:`readonly_views` returns them as they are, without looking at each."""
+    give where they can): :func:`readonly_views` returns them as they are, without looking at each. A
+    backend that adds other tensors to one returns a plain ``dict`` of it instead."""
 
 
 def readonly_views(tensors: dict[str, torch.Tensor], marker: str = "plasma") -> dict[str, torch.Tensor]:
