@@ -78,7 +78,7 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     title = (
         f"ray_zerocopy bench: {meta['model']} ({meta['dtype']}, {meta['model_bytes'] / MB:.1f} MB unique, "
         f"{meta['tensors']} tensors), {meta['actors']} actors, device {device}, {meta['repeats']} warm loads/actor "
-        f"({meta['fast_repeats']} under 50 ms), "
+        f"({meta['fast_repeats']} under {meta['fast_s'] * 1e3:.0f} ms), "
         f"{meta['cpus']} cores, load avg before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
     )
     notes = [

@@ -186,7 +186,7 @@ def _plain_set_module_state(module: torch.nn.Module, state: dict) -> None:
 def _dumps(obj: object, ids: Mapping[int, int], pids: list[PersistentId] | None = None) -> bytes:
     buf = io.BytesIO()
     if pids is not None:  # first the weights' (name, is a Parameter) by index and Module's attributes here
-        pickle.dump((pids, sorted(_ATTRS)), buf, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((pids, _ATTRS), buf, protocol=pickle.HIGHEST_PROTOCOL)
     _SkeletonPickler(buf, ids, None if pids is None else len(pids)).dump(obj)
     return buf.getvalue()
 
@@ -237,7 +237,7 @@ def rebuild_model(
             if is_param and as_parameters:  # _make_subclass: what Parameter() does for a plain tensor, 3x faster
                 t = torch.Tensor._make_subclass(_PARAM, t, False) if type(t) is torch.Tensor else _PARAM(t, False)
             objects.append(t)
-        objects.append(_set_module_state if _ATTRS.issubset(attrs) else _plain_set_module_state)
+        objects.append(_set_module_state if _ATTRS <= attrs else _plain_set_module_state)  # (frozensets: no copy)
         unpickler = pickle.Unpickler(file)
         unpickler.persistent_load = objects.__getitem__  # (a C lookup per weight, no Python call)
         model = unpickler.load()

@@ -47,7 +47,7 @@ from ray_zerocopy._bench_approaches import (
     make_spec,
     unique_tensors,
 )
-from ray_zerocopy._bench_probe import BenchActor, DriverPeak, object_bytes
+from ray_zerocopy._bench_probe import FAST_S, BenchActor, DriverPeak, object_bytes
 from ray_zerocopy._bench_report import draw_png, format_table, summarize, write_json
 
 NATIVE_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-rounds", type=int, default=1,
                    help="rounds of --actors fresh actors whose first load is timed (default 1)")
     p.add_argument("--fast-repeats", type=int, default=20,
-                   help="warm loads per actor for approaches whose loads take under 50 ms (default 20)")
+                   help=f"warm loads per actor for approaches whose loads take under {FAST_S * 1e3:.0f} ms "
+                        "(default 20)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--png", dest="png_path", help="draw the chart (PNG) here")
     p.add_argument("--child-workdir", help=argparse.SUPPRESS)  # internal: the second driver for ray_native
@@ -185,7 +186,8 @@ def _measure_actors(
         res["actor_uss_added_bytes"] = [m["uss"] for m in mem]
         res["actor_store_pss_bytes"] = [m["store_pss"] for m in mem]
         res["max_abs_diff"] = ray.get(actors[0].check.remote(ctx.reference))
-        progress(f"  {name}: {opts.repeats} warm loads in each actor ({opts.fast_repeats} if under 50 ms)")
+        progress(f"  {name}: {opts.repeats} warm loads in each actor "
+                 f"({opts.fast_repeats} if under {FAST_S * 1e3:.0f} ms)")
         res["warm_s"] = [t for a in actors
                          for t in ray.get(a.warm.remote(name, wrapped, opts.repeats, opts.fast_repeats))]
     finally:
@@ -299,7 +301,8 @@ def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]
         "model": opts.spec.name, "family": opts.spec.family, "config": opts.spec.config, "dtype": opts.spec.dtype,
         "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
         "actors": opts.actors, "device": opts.device, "repeats": opts.repeats,
-        "fast_repeats": opts.fast_repeats, "cold_rounds": opts.cold_rounds, "cpus": psutil.cpu_count(),
+        "fast_repeats": opts.fast_repeats, "fast_s": FAST_S, "cold_rounds": opts.cold_rounds,
+        "cpus": psutil.cpu_count(),
         "load_avg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                      "transformers": transformers.__version__},
