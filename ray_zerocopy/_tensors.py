@@ -212,6 +212,11 @@ def _pickle_skeleton(model: torch.nn.Module, ids: Mapping[int, int], pids: list[
 _PARAM = torch.nn.Parameter
 
 
+def weight_kinds(skeleton: bytes) -> list[tuple[str, bool]]:
+    """``(stored name, is a Parameter)`` of every weight a skeleton takes (the first record of its pickle)."""
+    return pickle.load(io.BytesIO(skeleton))[0]
+
+
 def rebuild_model(
     skeleton: bytes,
     tensors: Mapping[str, torch.Tensor],
@@ -224,7 +229,7 @@ def rebuild_model(
     ``layouts`` restores the strides of permuted tensors (see :func:`split_model`). With
     ``as_parameters=False`` parameters stay plain tensors (skips the ``nn.Parameter`` wrap).
     If ``placed`` is a list it receives ``(name, object)`` for each object put into the model
-    (what the write guard watches: ``guard_model(model, placed)``).
+    (what the share_gpu write guard watches: ``guard_model(model, placed)``).
     """
     file = io.BytesIO(skeleton)
     pids, attrs = pickle.load(file)

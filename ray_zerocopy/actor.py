@@ -18,7 +18,7 @@ import ray
 import torch
 
 from ray_zerocopy._log import warn_once
-from ray_zerocopy._tensors import rebuild_model, split_model
+from ray_zerocopy._tensors import rebuild_model, split_model, weight_kinds
 from ray_zerocopy.backend import Payload
 from ray_zerocopy.errors import (
     BackendMismatchError,
@@ -30,7 +30,8 @@ from ray_zerocopy.errors import (
     NotAModuleError,
     WeightsLostError,
 )
-from ray_zerocopy.guard import guard_model, norm_layers, private_copies, readonly_views
+from ray_zerocopy._shm import private_views
+from ray_zerocopy.guard import guard_model
 from ray_zerocopy.plugins import backend_infos, get_backend
 
 DEFAULT_BACKEND = "object_store"
@@ -48,7 +49,6 @@ class ModelRef:
         nbytes: bytes of unique weight data (tied tensors counted once).
         aliases: other names of tied tensors -> the name they are stored under.
         layouts: (shape, stride) of permuted tensors, stored flat in memory order.
-        norm_layers: names of the norm layers with running statistics (the write guard watches them).
         uid: unique per prepared model (names its GPU holders when actors share a device copy).
     """
 
@@ -59,7 +59,6 @@ class ModelRef:
     nbytes: int
     aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
-    norm_layers: tuple[str, ...] = field(default=(), repr=False)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -91,8 +90,7 @@ def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACK
     split = split_model(model)
     payload = chosen.put(split.weights)
     nbytes = sum(t.nbytes for t in split.weights.values())
-    return ModelRef(split.skeleton, payload, chosen.name, chosen.format_version, nbytes, split.aliases, split.layouts,
-                    norm_layers(model))
+    return ModelRef(split.skeleton, payload, chosen.name, chosen.format_version, nbytes, split.aliases, split.layouts)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -149,8 +147,9 @@ def load_model_in_actor(
         device: ``None``/``"cpu"`` for shared-memory views, ``"cuda"`` / ``"cuda:N"`` for a GPU of this actor.
         backend: must be ``None`` or the backend the ref was prepared with.
         use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).
-        private_copy: give this actor its own writable copy of the CPU weights (for models that
-            write them in place); by default shared weights are write-protected (see ``guard.py``).
+        private_copy: give this actor its own copy of the CPU weights, made now. Without it the weights
+            are shared copy-on-write (see ``_shm.py``): a model may still write them, and a write copies
+            only the pages it touches into this actor's memory; no other actor sees it.
         dtype: convert floating-point weights and buffers to this dtype on load (e.g. store float32,
             load ``torch.float16`` on a GPU). On a GPU the stored bytes are copied first and converted
             on the device, so the host holds no extra copy; on the CPU the converted tensors are
@@ -171,7 +170,8 @@ def load_model_in_actor(
         DeviceError: ``device`` is not visible here.
         LoadDtypeError: ``dtype`` is not a floating-point torch dtype.
         WeightsLostError: the weights are gone (their owner died, or they were lost or evicted).
-        SharedWeightWriteError: (later, from a call) the model wrote into its shared weights.
+        SharedWeightWriteError: (later, from a call) with ``share_gpu=True``, the model wrote into the
+            parameters it shares on the GPU (they are restored first).
 
     Example:
         >>> model = load_model_in_actor(ref, device="cuda")  # doctest: +SKIP
@@ -204,13 +204,10 @@ def _load(
         if dtype is not None:
             tensors = _cast_floating(tensors, dtype)
     if private_copy:
-        tensors = private_copies(tensors)
-    if private_copy or dev.type != "cpu":
-        return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
-    placed: list = []
-    tensors = readonly_views(tensors, chosen.shared_memory_marker)
-    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
-    return guard_model(model, placed, ref.norm_layers)
+        tensors = {k: t.clone() if t.is_cpu else t for k, t in tensors.items()}
+    elif dev.type == "cpu":
+        tensors = private_views(tensors, chosen.shared_memory_marker)  # (a write stays in this load)
+    return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load)
 
 
 def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, use_fast_load: bool) -> Any:
@@ -227,11 +224,15 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, 
     except Exception as exc:  # no CUDA IPC, holder failed to start, ...
         warn_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
         return None
+    # buffers are private to each actor (models update them: LongRoPE's inv_freq, running statistics);
+    # the shared parameters are watched
+    params = {name for name, is_param in weight_kinds(ref.skeleton) if is_param}
+    tensors = {k: t if k in params else t.clone() for k, t in tensors.items()}
     placed: list = []
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
     weakref.finalize(model, gpu_share.release, holder, os.getpid())
-    return guard_model(model, placed, ref.norm_layers,
-                       restore=lambda: ray.get(holder.restore.remote()))
+    shared = [(name, t) for name, t in placed if name in params]
+    return guard_model(model, shared, restore=lambda: ray.get(holder.restore.remote()))
 
 
 def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -8,12 +8,16 @@ modules, tied names or skeletons: those travel in the ModelRef, outside the back
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import math
 import warnings
 from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+
+from ray_zerocopy._shm import PrivateViews, private_buffer
 
 Payload = Any  # whatever a backend's put() returns: small, picklable, holds the ObjectRefs
 
@@ -101,11 +105,11 @@ def tensors_in_buffer(
 ) -> dict[str, torch.Tensor]:
     """Contiguous tensors ``(name, dtype, shape, byte offset)`` over one uint8 numpy buffer. No copy.
 
-    Where the buffer lies in Ray's shared memory (``marker``) the tensors see it through a
-    read-only mapping, so an in-place write faults instead of changing every actor's weights
-    (see ``guard.py``). The fast CPU path of one-buffer backends (``packed``, ``safetensors``).
+    Where the buffer lies in Ray's shared memory (``marker``) the tensors see it through a copy-on-write
+    mapping: an in-place write changes this load's tensors only, never another actor's (see ``_shm.py``).
+    The fast CPU path of one-buffer backends (``packed``, ``safetensors``).
     """
-    return _views(_address(buf), buf.nbytes, buf, entries, marker, private=buf)
+    return _views(_address(buf), buf.nbytes, buf, entries, marker)
 
 
 def tensors_in_arrays(
@@ -113,8 +117,8 @@ def tensors_in_arrays(
     marker: str = "plasma", offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`tensor_from_bytes` of ``arrays[name]`` (a uint8 numpy array or a buffer) with ``specs[name]``
-    (dtype, shape) for every name, read-only (as :func:`tensors_in_buffer`) where the arrays lie in one
-    shared mapping, such as the buffers of one object in Ray's store. No copy. The CPU path of the
+    (dtype, shape) for every name, copy-on-write (as :func:`tensors_in_buffer`) where the arrays lie in
+    shared memory, such as the buffers of one object in Ray's store. No copy. The CPU path of the
     ``object_store`` backend.
 
     ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
@@ -125,17 +129,25 @@ def tensors_in_arrays(
 
     if offsets and origin(next(iter(offsets))) != origin(next(reversed(offsets))):
         offsets = None  # another layout than this object's
-    # (one pass over the tensors, in _views: this is a load's hot path; an empty tensor has no bytes to share)
-    offsets = offsets or array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
-    out = {}
-    if offsets:
+    if not offsets:  # (an empty tensor has no bytes to share)
+        offsets = array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
+        if sum(arrays[k].nbytes + 64 for k in offsets) < max(offsets[k] + arrays[k].nbytes for k in offsets or [0]):
+            return _one_by_one(arrays, specs, marker)  # not the buffers of one object: map each alone
+    out = PrivateViews()
+    if offsets:  # (one pass over the tensors, in _views: this is a load's hot path)
         top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
         entries = [(k, *specs[k], off) for k, off in offsets.items()]
-        out = _views(origin(top), offsets[top] + arrays[top].nbytes, arrays, entries, marker) or {}
-    if len(out) == len(specs):
-        return out
-    with quiet_readonly():  # private memory (no twin) or empty tensors: plain views, one per array
-        return {k: out[k] if k in out else tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}
+        out = _views(origin(top), offsets[top] + arrays[top].nbytes, arrays, entries, marker)
+    if len(out) < len(specs):
+        out.update(_one_by_one({k: arrays[k] for k in specs if k not in out}, specs, marker))
+    return out
+
+
+def _one_by_one(arrays: Mapping[str, Any], specs: Mapping[str, tuple], marker: str) -> PrivateViews:
+    out = PrivateViews()
+    for k, a in arrays.items():
+        out.update(_views(_address(a), a.nbytes, a, [(k, *specs[k], 0)], marker))
+    return out
 
 
 def array_offsets(arrays: Mapping[str, Any]) -> dict[str, int]:
@@ -154,49 +166,28 @@ def _address(array: Any) -> int:
 
 def _views(
     addr: int, nbytes: int, keep: Any, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]],
-    marker: str, private: np.ndarray | None = None,
-) -> dict[str, torch.Tensor] | None:
+    marker: str,
+) -> PrivateViews:
     """``(name, dtype, shape, byte offset from addr)`` -> contiguous tensors over the ``nbytes`` from
-    ``addr``, seen through the read-only twin of their shared mapping (``keep`` keeps them alive),
-    as a :class:`~ray_zerocopy.guard.TwinViews`.
+    ``addr``, seen through a copy-on-write mapping of their shared memory (``keep`` keeps them alive;
+    see ``_shm.py``), or over a private copy where they are not in shared memory (an object small
+    enough for Ray to keep in a process's heap, which a write must not change either).
 
-    One ``as_strided`` view per tensor, of one base per (dtype, misalignment). Views of one base
-    share its version counter, which costs the write guard nothing here: a write into the twin
-    faults before any counter is read. Without a twin (private memory) the views are made over
-    ``private`` (the uint8 array at ``addr``), or None is returned where it is None.
+    Each tensor gets a storage of its own over its own bytes (``torch.frombuffer``, under a microsecond):
+    ``torch.save`` of a state dict then writes each tensor once, whatever the dtypes, and a deep copy of a
+    buffer copies only that buffer.
     """
-    from ray_zerocopy.guard import TwinViews, readonly_storage
-
-    bases: dict[tuple[torch.dtype, int], torch.Tensor] = {}
-    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
-    out = TwinViews()
+    found = private_buffer(addr, nbytes, keep, marker) if nbytes else None
+    buf, skip = found if found is not None else (bytearray(ctypes.string_at(addr, nbytes)), 0)
+    out = PrivateViews()
     for name, dtype, shape, offset in entries:
         dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-        first = offset % dtype.itemsize  # a base starting here puts every element at a whole index
-        base = bases.get((dtype, first))
-        if base is None:
-            storage = readonly_storage(addr + first, nbytes - first, keep, marker)
-            if storage is None and private is None:
-                return None
-            if storage is None:
-                out = dict(out)  # (not a TwinViews: readonly_views must look at these)
-                with quiet_readonly():
-                    storage = torch.from_numpy(private[first:]).untyped_storage()
-            size = (nbytes - first) // dtype.itemsize
-            base = bases[dtype, first] = torch.empty(0, dtype=dtype).set_(storage, 0, (size,))
-        stride = strides.get(shape)
-        if stride is None:
-            stride = strides[shape] = _contiguous_strides(shape)
-        out[name] = base.as_strided(shape, stride, offset // dtype.itemsize)
+        count = math.prod(shape)
+        if count:
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=skip + offset).view(shape)
+        else:  # no bytes to share (and an empty view may not be aligned for its dtype)
+            out[name] = torch.empty(shape, dtype=dtype)
     return out
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 # torch dtypes numpy has too (bfloat16 and fp8 have no numpy twin: they take the torch view path)

@@ -98,13 +98,14 @@ def zoo_input(batch: int = 3, seq: int = 8, vocab: int = 50, seed: int = 1) -> t
 
 
 def _shared_mappings(marker: str, writable: bool = False) -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's shared memory mappings whose path contains ``marker``
-    (only the writable ones with ``writable``: Ray's own, not the read-only twins of ``guard.py``)."""
+    """(start, end, path) of this process's mappings of shared memory whose path contains ``marker``: Ray's
+    own (shared, writable; the only ones with ``writable``) and the copy-on-write ones of loads (private
+    mappings of the same file: their pages are the file's until written, see ``_shm.py``)."""
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[1][3] == "s" and marker in parts[5] and (parts[1][1] == "w" or not writable):
+            if len(parts) == 6 and marker in parts[5] and (parts[1][1:4:2] == "ws" or not writable):
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 out.append((lo, hi, parts[5].strip()))
     return out
@@ -211,8 +212,8 @@ def _marker(backend: object) -> str:
 
 
 def _merged_mappings(marker: str) -> list[tuple[int, int]]:
-    """Shared mappings of ``marker``, adjacent ones of one file merged: ``mprotect`` of part of a
-    mapping splits it into several lines of /proc/self/maps."""
+    """Mappings of ``marker``'s shared memory, adjacent ones of one file merged (a mapping may show as
+    several lines of /proc/self/maps)."""
     merged: list[tuple[int, int, str]] = []
     for lo, hi, path in sorted(_shared_mappings(marker)):
         if merged and merged[-1][1] == lo and merged[-1][2] == path:

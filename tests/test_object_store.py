@@ -37,7 +37,7 @@ def test_offsets_read_in_the_driver_hold_in_a_worker(ray_local):
     got = ray.get(_load_report.remote(payload))
     assert got["offsets_here"] == payload.offsets
     assert got["bits"] == {k: (t.dtype, tuple(t.shape), bits(t)) for k, t in weights.items()}
-    assert got["in_rays_mapping"] == []  # every view goes through the read-only twin, none through Ray's
+    assert got["in_rays_mapping"] == []  # every view goes through a copy-on-write mapping, none through Ray's
 
 
 def test_offsets_that_do_not_match_the_object_are_not_trusted(ray_local):
