@@ -138,15 +138,15 @@ class PayloadError(RayZeroCopyError, ValueError):
 
 
 class SharedWeightWriteError(RayZeroCopyError, RuntimeError):
-    """A model wrote in place into weights that every actor on the node shares."""
+    """A model wrote in place into weights it shares on a GPU with other actors (``share_gpu=True``)."""
 
     def __init__(self, module: str, module_type: str, tensor: str, what: str) -> None:
         self.module, self.module_type, self.tensor = module, module_type, tensor
         super().__init__(
-            f"submodule {module or '<root>'!r} ({module_type}) {what}: tensor {tensor!r} is a zero-copy view "
-            "of shared memory read by every actor on this node, so writing it would corrupt them all. "
-            "Fix: keep the model in eval mode and do not modify weights in place, or load it with "
-            "load_model_in_actor(..., private_copy=True) to give this actor its own writable copy."
+            f"submodule {module or '<root>'!r} ({module_type}) {what}: tensor {tensor!r} is one device copy "
+            "shared by every actor on this GPU that loaded the model with share_gpu=True; the stored weights "
+            "were put back. Fix: do not modify the weights in place, or load the model without share_gpu=True "
+            "(or with private_copy=True) to give this actor its own writable device copy."
         )
 
 

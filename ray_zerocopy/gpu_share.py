@@ -13,10 +13,11 @@ models that map it, by process: a model that is collected, or a process that die
 every half second), stops counting, and when none is left for ``LINGER_S`` seconds the holder
 frees the memory and exits.
 
-Writes: device memory cannot be mapped read-only through CUDA IPC. A write is caught after the
-call by the version counters (as on the host); the holder then restores the weights from the
-object store before :class:`~ray_zerocopy.errors.SharedWeightWriteError` is raised. Norm layers
-in train mode are refused before they write.
+Writes: device memory mapped through CUDA IPC cannot be made copy-on-write (as host memory is). Only
+parameters are shared; buffers are private to each actor (models update them in their forward). A
+write into a parameter is caught after the call by the version counters (``guard.py``); the holder
+then restores the weights from the object store before
+:class:`~ray_zerocopy.errors.SharedWeightWriteError` is raised.
 """
 
 from __future__ import annotations

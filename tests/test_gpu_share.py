@@ -65,6 +65,10 @@ class Sharer:
             return str(exc)
         return "no error"
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(ids.cuda()).logits.cpu()
+
     def load_second(self, ref) -> None:
         self.second = load_model_in_actor(ref, device="cuda", share_gpu=True)
 
@@ -165,6 +169,27 @@ def test_write_into_shared_copy_is_reported_and_undone(ray_gpu, backend):
 
 
 @needs_cuda
+def test_a_model_that_writes_a_buffer_in_forward_shares_its_parameters(ray_gpu):
+    """Phi-3 LongRoPE copies a new inv_freq into its buffer on every forward: buffers are private to
+    each actor, so it runs; the parameters stay shared (and guarded)."""
+    from test_inplace import _phi3_longrope
+
+    model = _phi3_longrope()
+    ids = torch.randint(3, 64, (1, 40))
+    ref = prepare_model_for_actors(model)
+    actors = [Sharer.remote() for _ in range(2)]
+    ray.get([a.load.remote(ref) for a in actors])
+    model.cuda()
+    with torch.no_grad():
+        expected = model(ids.cuda()).logits.cpu()
+    for a in actors:
+        assert torch.allclose(ray.get(a.logits.remote(ids)), expected, atol=1e-5)
+        assert torch.allclose(ray.get(a.logits.remote(ids[:, :8])), model(ids[:, :8].cuda()).logits.detach().cpu(), atol=1e-5)
+        ray.kill(a)
+    assert _wait(lambda: not _holders())
+
+
+@needs_cuda
 def test_holder_lives_while_any_model_maps_it_then_goes(ray_gpu):
     from ray_zerocopy.gpu_share import LINGER_S
 
@@ -224,9 +249,11 @@ def test_share_gpu_on_cpu_loads_shared_host_memory_with_one_log_line(ray_local, 
     from ray_zerocopy import _log
 
     monkeypatch.setattr(_log, "_said", set())  # as in a fresh process
-    ref = prepare_model_for_actors(nn.Linear(8, 4))
+    from ray_zerocopy.testing import tensors_outside_shared_memory
+
+    ref = prepare_model_for_actors(nn.Linear(256, 256))  # (large enough for the shared store)
     with caplog.at_level(logging.WARNING, logger="ray_zerocopy"):
         a = load_model_in_actor(ref, share_gpu=True)
         b = load_model_in_actor(ref, share_gpu=True)
-    assert a.weight.data_ptr() == b.weight.data_ptr()  # the same shared host memory
+    assert tensors_outside_shared_memory(a) == tensors_outside_shared_memory(b) == []  # shared host memory
     assert sum("share_gpu=True has no effect on cpu" in r.getMessage() for r in caplog.records) == 1
