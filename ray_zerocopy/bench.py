@@ -163,7 +163,7 @@ def _start_ray(opts: Options, model_bytes: int) -> None:
 def _memory_shortfall(name: str, model_bytes: int, actors: int) -> str | None:
     """Why not to run this approach now (it would not fit in the free RAM), or None."""
     copies = get_approach(name).copies
-    need = model_bytes * ((actors + 2) if copies else 2)
+    need = model_bytes * ((actors + 2) if copies else 1 if name.startswith(CKPT_PREFIX) else 2)
     free = psutil.virtual_memory().available
     if need > 0.85 * free:
         return (f"skipped: needs ~{need / 1e9:.1f} GB of RAM ({'one copy per actor' if copies else 'shared copy'}), "
