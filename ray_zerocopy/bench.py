@@ -118,7 +118,8 @@ def _select(args: argparse.Namespace) -> list[str]:
     if unknown:
         raise ValueError(f"--backends: unknown {unknown}; registered here: {registered}")
     ours = [OURS_PREFIX + b for b in backends]
-    wanted = ["ours", *OTHERS] if args.approaches == "all" else [a.strip() for a in args.approaches.split(",")]
+    every = [a for a in OTHERS if args.checkpoint or a != "from_pretrained_put"]
+    wanted = ["ours", *every] if args.approaches == "all" else [a.strip() for a in args.approaches.split(",")]
     chosen: list[str] = []
     for name in wanted:
         if name in ("ours", "rzc"):
