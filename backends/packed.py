@@ -1,6 +1,7 @@
 """The ``packed`` transport: every tensor in one contiguous, aligned uint8 buffer, plus a small index.
 
-One ``ray.put``, one object, one ``ray.get``. Each tensor starts at a multiple of
+One ``ray.put``, one object, one ``ray.get``. The driver never assembles the buffer: it is
+written into the object store from views of the tensors (``put_joined``). Each tensor starts at a multiple of
 ``ALIGN`` bytes inside the buffer (Ray places the buffer itself on a 64-byte boundary),
 so every view is aligned for any dtype and for vectorized kernels. For a GPU the whole
 buffer goes to the device in one :func:`ray_zerocopy.buffer_to_device` call and the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import ray
@@ -25,7 +26,9 @@ from ray_zerocopy import (
     dtype_from_name,
     dtype_name,
     hookimpl,
+    put_joined,
     quiet_readonly,
+    tensor_to_bytes,
     tensors_in_buffer,
 )
 
@@ -61,6 +64,14 @@ def pack(weights: Mapping[str, torch.Tensor], index: tuple[IndexEntry, ...], nby
             out[offset : offset + size].copy_(weights[name].reshape(-1).view(torch.uint8))
         out[offset + size : end].zero_()  # deterministic bytes: the same model packs to the same buffer
     return buf
+
+
+def segments(weights: Mapping[str, torch.Tensor], index: tuple[IndexEntry, ...]) -> Iterator[np.ndarray]:
+    """The bytes of :func:`pack`'s buffer in order, as views of the tensors and zeroed padding: the
+    object store receives them without the driver assembling the buffer (``put_joined``)."""
+    for name, _, _, offset, size in index:
+        yield tensor_to_bytes(weights[name])
+        yield np.zeros(-size % ALIGN, dtype=np.uint8)
 
 
 def check_index(index: object, nbytes: int) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
@@ -101,7 +112,7 @@ class PackedBackend(Backend):
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> PackedPayload:
         index, nbytes = layout(weights)
-        return PackedPayload(ray.put(pack(weights, index, nbytes)), nbytes, index)
+        return PackedPayload(put_joined(segments(weights, index)), nbytes, index)
 
     def get(self, payload: PackedPayload, device: torch.device) -> dict[str, torch.Tensor]:
         if not isinstance(payload, PackedPayload):

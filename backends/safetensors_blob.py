@@ -2,8 +2,8 @@
 
 The blob is byte-for-byte what ``safetensors.torch.save`` writes for the same tensors, so
 any safetensors reader can read it; it travels as one uint8 numpy array (out of band,
-zero-copy). The driver writes it directly into one buffer (``safetensors.torch.save``
-would hold two more full copies). The actor parses and validates the header itself and
+zero-copy). The driver never assembles the blob: it is written into the object store from the
+header and views of the tensors (``put_joined``), with no copy of the weights in the driver. The actor parses and validates the header itself and
 slices views out of the shared buffer; for a GPU the whole blob is copied in one go.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import ray
@@ -24,6 +24,7 @@ from ray_zerocopy import (
     UnsupportedModelError,
     buffer_to_device,
     hookimpl,
+    put_joined,
     quiet_readonly,
     tensors_in_buffer,
     tensor_to_bytes,
@@ -85,6 +86,14 @@ def write_blob(weights: Mapping[str, torch.Tensor]) -> np.ndarray:
         if t.nbytes:  # torch's copy is multi-threaded for large tensors, numpy's is not
             out[start + offset : start + offset + t.nbytes].copy_(torch.from_numpy(tensor_to_bytes(t)))
     return blob
+
+
+def _segments(header: bytes, placed: list[tuple[str, torch.Tensor, int]]) -> Iterator[np.ndarray]:
+    """The blob's bytes in order (:func:`write_blob`'s), as views of the tensors: the object store
+    receives them without the driver assembling the blob (``put_joined``)."""
+    yield np.frombuffer(len(header).to_bytes(8, "little") + header, dtype=np.uint8)
+    for _, t, _ in placed:
+        yield tensor_to_bytes(t)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -188,8 +197,8 @@ class SafetensorsBackend(Backend):
     name = "safetensors"
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> SafetensorsPayload:
-        blob = write_blob(weights)
-        return SafetensorsPayload(ray.put(blob), len(blob))
+        header, placed = _header(weights)
+        return SafetensorsPayload(put_joined(_segments(header, placed)), 8 + len(header) + sum(t.nbytes for _, t, _ in placed))
 
     def get(self, payload: SafetensorsPayload, device: torch.device) -> dict[str, torch.Tensor]:
         if not isinstance(payload, SafetensorsPayload):

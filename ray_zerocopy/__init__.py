@@ -21,8 +21,11 @@ from ray_zerocopy.backend import (
     tensors_in_buffer,
     to_device,
 )
+from ray_zerocopy._stream import put_joined
 from ray_zerocopy.errors import (
     BackendMismatchError,
+    CheckpointError,
+    CheckpointMismatchError,
     DeviceError,
     DuplicateBackendError,
     FormatVersionError,
@@ -30,6 +33,7 @@ from ray_zerocopy.errors import (
     NoModelsError,
     NotAModuleError,
     PayloadError,
+    PrepareNodeError,
     RayZeroCopyError,
     SharedWeightWriteError,
     UnknownBackendError,
@@ -43,6 +47,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendMismatchError",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "DeviceError",
     "DuplicateBackendError",
     "FormatVersionError",
@@ -52,6 +58,7 @@ __all__ = [
     "NotAModuleError",
     "Payload",
     "PayloadError",
+    "PrepareNodeError",
     "RayZeroCopyError",
     "SharedWeightWriteError",
     "UnknownBackendError",
@@ -67,6 +74,7 @@ __all__ = [
     "load_model_in_actor",
     "load_pipeline_in_actor",
     "prepare_model_for_actors",
+    "put_joined",
     "quiet_readonly",
     "rewrite_pipeline",
     "rewrite_pipeline_for_actors",

@@ -223,6 +223,28 @@ def _prepare_ours(backend: str) -> Callable[[torch.nn.Module, str], Prepared]:
     return prepare
 
 
+CHECKPOINT: dict[str, str] = {}  # "path": the bench model saved with save_pretrained (bench --checkpoint)
+CKPT_PREFIX = "rzc-ckpt:"
+
+
+def _prepare_ours_checkpoint(backend: str) -> Callable[[torch.nn.Module, str], Prepared]:
+    """Ours from the checkpoint folder: a meta skeleton built from its config (timed too), no model in the driver."""
+    def prepare(model: torch.nn.Module, workdir: str) -> Prepared:
+        from ray_zerocopy.hf import prepare_pretrained
+
+        model_ref = prepare_pretrained(CHECKPOINT["path"], backend=backend, progress=False)
+        return Prepared(model_ref, find_refs(model_ref.payload))
+
+    return prepare
+
+
+def _prepare_from_pretrained_put(model: torch.nn.Module, workdir: str) -> Prepared:
+    """What users do without us: from_pretrained in the driver, then ray.put of the model."""
+    loaded = type(model).from_pretrained(CHECKPOINT["path"], dtype=next(model.parameters()).dtype).eval()
+    ref = ray.put(loaded)
+    return Prepared(ref, [ref])
+
+
 def _load_ours(handle: Any, spec: ModelSpec, device: str) -> torch.nn.Module:
     from ray_zerocopy import load_model_in_actor
 
@@ -315,6 +337,8 @@ OTHERS: dict[str, Approach] = {a.name: a for a in [
              _prepare_ray_put, _load_ray_put, False),
     Approach("ray_put", "ray", "plain ray.put(model), ray.get in each actor",
              _prepare_ray_put, _load_ray_put, True),
+    Approach("from_pretrained_put", "ray", "from_pretrained(checkpoint folder) in the driver, then ray.put(model) "
+             "(needs --checkpoint)", _prepare_from_pretrained_put, _load_ray_put, True),
     Approach("torch_load", "disk", "torch.load of a state-dict file into a meta skeleton",
              _prepare_torch_file, _load_torch, True),
     Approach("torch_load_mmap", "disk", "torch.load(mmap=True) of a state-dict file into a meta skeleton",
@@ -330,4 +354,8 @@ def get_approach(name: str) -> Approach:
     if name.startswith(OURS_PREFIX):
         backend = name[len(OURS_PREFIX):]
         return Approach(name, "ours", f"ray_zerocopy, backend {backend!r}", _prepare_ours(backend), _load_ours, False)
+    if name.startswith(CKPT_PREFIX):
+        backend = name[len(CKPT_PREFIX):]
+        return Approach(name, "ours", f"ray_zerocopy from the checkpoint folder, backend {backend!r}",
+                        _prepare_ours_checkpoint(backend), _load_ours, False)
     return OTHERS[name]

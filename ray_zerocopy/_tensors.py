@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -33,6 +33,7 @@ class SplitModel:
     weights: dict[str, torch.Tensor]  # canonical name -> contiguous CPU tensor (unique storage)
     aliases: dict[str, str]  # every other name of a tied tensor -> its canonical name
     layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (shape, stride) of permuted tensors
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> the model's tensor
 
 
 def _view_key(t: torch.Tensor) -> tuple:
@@ -50,7 +51,7 @@ def _is_permuted_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _check_tensor(name: str, t: torch.Tensor) -> None:
+def _check_tensor(name: str, t: torch.Tensor, allow_meta: bool = False) -> None:
     """Refuse, in the driver, tensors that cannot be carried as plain bytes."""
     plain = type(t) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
     module = name.rpartition(".")[0]
@@ -65,7 +66,7 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
             module, f"tensor {name!r} has layout {t.layout} / quantized={t.is_quantized}",
             "convert it to a dense strided tensor (e.g. .dequantize() or .to_dense()) before preparing",
         )
-    if t.device.type == "meta":
+    if t.device.type == "meta" and not allow_meta:
         raise UnsupportedModelError(
             module, f"tensor {name!r} is on the meta device and holds no data",
             "load real weights into the model (e.g. load_state_dict(..., assign=True)) before preparing",
@@ -101,33 +102,36 @@ def _named_tensors(model: torch.nn.Module):
         yield name, t, False
 
 
-def split_model(model: torch.nn.Module) -> SplitModel:
+def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
     """Split ``model`` into skeleton bytes and unique weights, without copying CPU weights.
 
     A permuted tensor (e.g. a transposed weight) is stored as its bytes in memory order
     and its strides are restored at load, so matmuls round exactly as in the driver.
     Other non-contiguous tensors are made contiguous, and GPU tensors are copied to the
     CPU (one copy each; the object store needs contiguous host bytes anyway).
+    With ``allow_meta`` (weights that a checkpoint fills, see ``checkpoint.py``) tensors on the
+    meta device are kept as they are, tied by identity; the caller replaces them.
     """
     canonical: dict[tuple, str] = {}
     weights: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    originals: dict[str, torch.Tensor] = {}
     pids: dict[PersistentId, int] = {}  # -> its index: the persistent id written into the skeleton
     ids: dict[int, int] = {}
     keep_alive = []  # ids are only unique while the objects live
     for module_name, module in model.named_modules():
         _check_module(module_name, module)
     for name, t, is_param in _named_tensors(model):
-        _check_tensor(name, t)
-        key = _view_key(t)
+        _check_tensor(name, t, allow_meta)
+        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # meta tensors share one null address
         first = canonical.setdefault(key, name)
         if first == name:
-            data = t.detach()
-            if not data.is_contiguous() and _is_permuted_dense(data):
+            data = originals[name] = t.detach()
+            if not data.is_meta and not data.is_contiguous() and _is_permuted_dense(data):
                 layouts[name] = (tuple(data.shape), data.stride())
                 data = data.as_strided((data.numel(),), (1,), data.storage_offset())
-            weights[name] = data.cpu().contiguous()
+            weights[name] = data if data.is_meta else data.cpu().contiguous()
         elif name not in weights:
             aliases[name] = first
         ids[id(t)] = pids.setdefault((first, is_param), len(pids))
@@ -140,7 +144,7 @@ def split_model(model: torch.nn.Module) -> SplitModel:
     finally:
         for m, mode in modes:
             m.training = mode
-    return SplitModel(skeleton, weights, aliases, layouts)
+    return SplitModel(skeleton, weights, aliases, layouts, originals)
 
 
 class _SkeletonPickler(cloudpickle.Pickler):

@@ -35,6 +35,8 @@ import ray
 import torch
 
 from ray_zerocopy._bench_approaches import (
+    CHECKPOINT,
+    CKPT_PREFIX,
     NATIVE,
     OTHERS,
     OURS_PREFIX,
@@ -97,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-repeats", type=int, default=20,
                    help=f"warm loads per actor for approaches whose loads take under {FAST_S * 1e3:.0f} ms "
                         "(default 20)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="also prepare ours from a checkpoint folder (the model saved with save_pretrained, sharded): "
+                        "adds rzc-ckpt:<backend> per backend, and from_pretrained_put (from_pretrained + ray.put)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--png", dest="png_path", help="draw the chart (PNG) here")
     p.add_argument("--child-workdir", help=argparse.SUPPRESS)  # internal: the second driver for ray_native
@@ -113,7 +118,8 @@ def _select(args: argparse.Namespace) -> list[str]:
     if unknown:
         raise ValueError(f"--backends: unknown {unknown}; registered here: {registered}")
     ours = [OURS_PREFIX + b for b in backends]
-    wanted = ["ours", *OTHERS] if args.approaches == "all" else [a.strip() for a in args.approaches.split(",")]
+    every = [a for a in OTHERS if args.checkpoint or a != "from_pretrained_put"]
+    wanted = ["ours", *every] if args.approaches == "all" else [a.strip() for a in args.approaches.split(",")]
     chosen: list[str] = []
     for name in wanted:
         if name in ("ours", "rzc"):
@@ -125,7 +131,12 @@ def _select(args: argparse.Namespace) -> list[str]:
         elif name:
             raise ValueError(f"--approaches: unknown {name!r}; expected ours, {', '.join(OTHERS)}, "
                              f"or rzc:<backend> with a backend in {registered}")
-    order = ours + [OURS_PREFIX + b for b in registered] + list(OTHERS)
+    if args.checkpoint:  # both routes of ours, and what users do without us, from the same folder
+        ckpt = [CKPT_PREFIX + b for b in backends]
+        chosen += ckpt + ["from_pretrained_put"]
+    elif "from_pretrained_put" in chosen:
+        raise ValueError("--approaches from_pretrained_put needs --checkpoint (it loads the saved folder)")
+    order = ours + [CKPT_PREFIX + b for b in backends] + [OURS_PREFIX + b for b in registered] + list(OTHERS)
     return sorted(dict.fromkeys(chosen), key=order.index)
 
 
@@ -153,7 +164,7 @@ def _start_ray(opts: Options, model_bytes: int) -> None:
 def _memory_shortfall(name: str, model_bytes: int, actors: int) -> str | None:
     """Why not to run this approach now (it would not fit in the free RAM), or None."""
     copies = get_approach(name).copies
-    need = model_bytes * ((actors + 2) if copies else 2)
+    need = model_bytes * ((actors + 2) if copies else 1 if name.startswith(CKPT_PREFIX) else 2)
     free = psutil.virtual_memory().available
     if need > 0.85 * free:
         return (f"skipped: needs ~{need / 1e9:.1f} GB of RAM ({'one copy per actor' if copies else 'shared copy'}), "
@@ -323,6 +334,10 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     try:
         ctx = Context(workdir, os.path.join(workdir, "reference.pt"), meta["model_bytes"])
         torch.save(all_tensors(model), ctx.reference)
+        if opts.args.checkpoint:
+            CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")
+            model.save_pretrained(CHECKPOINT["path"], max_shard_size=max(meta["model_bytes"] // 3, 2**20))
+            progress(f"saved the checkpoint folder ({len(os.listdir(CHECKPOINT['path']))} files)")
         if NATIVE in opts.approaches:  # before our own Ray starts: one cluster at a time
             results[NATIVE] = _run_native(opts, ctx)
         _start_ray(opts, meta["model_bytes"])

@@ -158,7 +158,7 @@ class WeightsLostError(RayZeroCopyError, RuntimeError):
         super().__init__(
             f"the model's weights are no longer in Ray's object store ({type(cause).__name__}: "
             f"{str(cause).splitlines()[0] if str(cause) else ''}). Their owner (the process that called "
-            "prepare_model_for_actors) died, or the object was lost with its node or evicted; Ray cannot rebuild "
+            "prepare_model_for_actors, or with node= the owner actor it started there) died, or the object was lost with its node or evicted; Ray cannot rebuild "
             "a ray.put object, and restarted actors do not keep their constructor arguments alive (ray issue "
             "53727). Fix: keep the process that prepared the model, and the ModelRef, alive for as long as actors "
             "may (re)load it (prepare it in the driver, not in a task or actor that exits), then prepare it again "
@@ -176,3 +176,47 @@ class LoadDtypeError(RayZeroCopyError, TypeError):
             "(torch.float16, torch.bfloat16, torch.float32, ...); only floating-point weights are converted. "
             "Fix: pass e.g. dtype=torch.float16, or dtype=None to keep the stored dtypes."
         )
+
+
+class CheckpointError(RayZeroCopyError, ValueError):
+    """``checkpoint=`` is not a readable safetensors checkpoint (file, folder or sharded folder)."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(
+            f"checkpoint {str(path)!r}: {problem}. Expected a .safetensors file, or a folder in Hugging Face "
+            "layout holding model.safetensors or model.safetensors.index.json and its shards. "
+            "Fix: pass such a path (save one with model.save_pretrained(folder) or safetensors.torch.save_file)."
+        )
+
+
+class CheckpointMismatchError(RayZeroCopyError, ValueError):
+    """The checkpoint's tensors do not match the model's (names, shapes or dtypes); nothing was stored.
+
+    Attributes:
+        missing: model tensors on the meta device that no checkpoint tensor fills.
+        unexpected: checkpoint tensors with no tensor of that name in the model.
+        mismatched: ``(name, (model dtype, shape), (checkpoint dtype, shape))`` of tensors that differ.
+    """
+
+    def __init__(self, path: object, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]]]]) -> None:
+        self.path, self.missing, self.unexpected, self.mismatched = path, missing, unexpected, mismatched
+        lines = [f"missing from the checkpoint (left on the meta device): {n}" for n in missing]
+        lines += [f"in the checkpoint but not in the model: {n}" for n in unexpected]
+        lines += [f"{n}: the model has {m[0]}{list(m[1])}, the checkpoint {c[0]}{list(c[1])}" for n, m, c in mismatched]
+        shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+        super().__init__(
+            f"checkpoint {str(path)!r} does not match the model ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(mismatched)} mismatched):\n  {shown}\nFix: build the model from the same config "
+            "and dtype the checkpoint was saved with (e.g. under accelerate.init_empty_weights(), with "
+            "torch_dtype= the checkpoint's dtype), or pass the checkpoint saved from this model class."
+        )
+
+
+class PrepareNodeError(RayZeroCopyError, ValueError):
+    """``node=`` names no alive node of the cluster, or cannot be used with the other arguments."""
+
+    def __init__(self, node: object, problem: str, fix: str) -> None:
+        self.node, self.problem, self.fix = node, problem, fix
+        super().__init__(f"node={node!r}: {problem}. Fix: {fix}")

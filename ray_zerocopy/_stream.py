@@ -1,0 +1,117 @@
+"""One contiguous buffer in Ray's object store, written from many sources with no copy of the whole.
+
+``ray.put`` of a numpy array copies its bytes once, from the array into the object (its buffer
+travels out of band in pickle protocol 5). The one-buffer transports (``packed``, ``safetensors``)
+need all tensors in one buffer, which used to mean assembling it in the driver first: a second
+full copy of the model in the driver's heap. Here the buffer is described instead as a sequence of
+*pieces*, most of them zero-copy views of the tensors themselves (or of a checkpoint file's
+pages), and put as one object whose out-of-band buffers are those pieces. Ray lays out an
+out-of-band buffer at the next multiple of 64 bytes (8 below 2048 bytes), so pieces whose lengths
+are multiples of 64 land back to back: in the object they *are* the one buffer, and
+:func:`_join` hands it back as one read-only uint8 array over the object's memory, no copy.
+The only bytes copied in the driver are the small glue pieces (a header, the odd bytes between
+64-byte boundaries, padding): at most 64 bytes per tensor, plus tensors smaller than that.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Iterable
+
+import numpy as np
+import ray
+
+ALIGN = 64  # Ray aligns out-of-band buffers of 2048 bytes or more to 64 bytes (and smaller ones to 8)
+
+
+def pieces(segments: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """Cut a stream of 1-D uint8 segments into pieces whose lengths are multiples of 64 (the last
+    excepted), each a view of one segment where possible, so Ray stores them back to back.
+
+    Args:
+        segments: the buffer's bytes in order (views of tensors, of file pages, small headers).
+
+    Returns:
+        1-D uint8 arrays whose concatenation is the concatenation of ``segments``.
+    """
+    out: list[np.ndarray] = []
+    glue: list[np.ndarray] = []  # bytes that wait for a 64-byte boundary (copied into one small piece)
+    held = 0  # bytes in glue
+    for seg in segments:
+        if len(seg) < ALIGN - held or (held and len(seg) < 2 * ALIGN):
+            glue.append(seg)
+            held += len(seg)
+            if held % ALIGN == 0 and held:
+                out.append(np.concatenate(glue))
+                glue, held = [], 0
+            continue
+        take = -held % ALIGN  # bytes of seg that complete the glue up to a boundary
+        if held:
+            out.append(np.concatenate([*glue, seg[:take]]))
+            glue, held = [], 0
+        body = (len(seg) - take) // ALIGN * ALIGN
+        if body:
+            out.append(seg[take : take + body])  # the bulk: a view, never copied here
+        rest = seg[take + body :]
+        if len(rest):
+            glue, held = [rest], len(rest)
+    if held:
+        out.append(np.concatenate(glue))
+    return out
+
+
+class _Joined:
+    """Pickles as :func:`_join` of its pieces, each an out-of-band buffer (see the module docstring)."""
+
+    def __init__(self, parts: list[np.ndarray], nbytes: int) -> None:
+        self.parts = parts
+        self.nbytes = nbytes
+
+    def __reduce__(self) -> tuple:
+        return _join, (self.nbytes, *(pickle.PickleBuffer(p) for p in self.parts))
+
+
+def put_joined(segments: Iterable[np.ndarray], **put_kwargs: Any) -> ray.ObjectRef:
+    """``ray.put`` of the concatenation of ``segments`` without building it: ``ray.get`` of the result
+    is one 1-D read-only uint8 array (zero-copy where Ray laid the pieces back to back).
+
+    Args:
+        segments: 1-D uint8 arrays (views; they are read once, by Ray, while it writes the object).
+        put_kwargs: passed to ``ray.put`` (e.g. ``_owner``).
+
+    Returns:
+        The ObjectRef.
+    """
+    parts = pieces(segments)
+    return ray.put(_Joined(parts, sum(len(p) for p in parts)), **put_kwargs)
+
+
+def _address(buf: Any) -> int:
+    return np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+
+
+class _Span:
+    """A read-only uint8 array interface over ``nbytes`` from ``addr``; ``keep`` holds the memory."""
+
+    def __init__(self, addr: int, nbytes: int, keep: tuple) -> None:
+        self.__array_interface__ = {"data": (addr, True), "shape": (nbytes,), "typestr": "|u1", "version": 3}
+        self.keep = keep
+
+
+def _join(nbytes: int, *bufs: Any) -> np.ndarray:
+    """The pieces as one uint8 array: a view over the object's memory where they lie back to back
+    (they do in Ray's layout), else a copy (another serializer's layout: correct, not zero-copy)."""
+    arrays = [np.frombuffer(b, np.uint8) for b in bufs]
+    if not arrays:
+        return np.empty(0, np.uint8)
+    start = _address(arrays[0])
+    pos = start
+    for a in arrays:
+        if _address(a) != pos:
+            return np.concatenate(arrays)
+        pos += len(a)
+    if pos - start != nbytes:
+        raise ValueError(f"joined object holds {pos - start} bytes, expected {nbytes}")
+    out = np.asarray(_Span(start, nbytes, tuple(bufs)))
+    out.flags.writeable = False
+    return out
