@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
+from ray_zerocopy import keeper
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._tensors import rebuild_model, split_model
 from ray_zerocopy.backend import Payload
@@ -61,6 +62,19 @@ class ModelRef:
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
     norm_layers: tuple[str, ...] = field(default=(), repr=False)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Pickled outside Ray (Serve's .bind arguments), its ObjectRefs would be pinned for the rest of the
+        # pickling process's life: travel by name instead, the keeper holds the refs (see keeper.py).
+        if keeper.pickled_out_of_band():
+            return keeper.KeptModelRef, (keeper.keep(self).uid,)
+        return super().__reduce_ex__(protocol)
+
+    def __copy__(self) -> ModelRef:
+        return self  # immutable (and copying must not start a keeper)
+
+    def __deepcopy__(self, memo: dict) -> ModelRef:
+        return self
 
 
 def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> ModelRef:
@@ -127,6 +141,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _as_model_ref(model_ref: Any) -> ModelRef:
     if isinstance(model_ref, ray.ObjectRef):  # Ray Data passes constructor kwargs unresolved
         model_ref = ray.get(model_ref)
+    if isinstance(model_ref, keeper.KeptModelRef):  # pickled outside Ray (Ray Serve's .bind arguments)
+        model_ref = keeper.fetch(model_ref)
     if not isinstance(model_ref, ModelRef):
         raise InvalidModelRefError(model_ref)
     return model_ref
@@ -145,7 +161,8 @@ def load_model_in_actor(
     """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
 
     Args:
-        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it.
+        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it (or the
+            token it became when pickled outside Ray, e.g. through Ray Serve's ``.bind(...)``).
         device: ``None``/``"cpu"`` for shared-memory views, ``"cuda"`` / ``"cuda:N"`` for a GPU of this actor.
         backend: must be ``None`` or the backend the ref was prepared with.
         use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).
