@@ -67,7 +67,7 @@ class ModelRef:
         # Pickled outside Ray (Serve's .bind arguments), its ObjectRefs would be pinned for the rest of the
         # pickling process's life: travel by name instead, the keeper holds the refs (see keeper.py).
         if keeper.pickled_out_of_band():
-            return keeper.KeptModelRef, (keeper.keep(self).uid,)
+            return keeper.restore, (keeper.keep(self),)
         return super().__reduce_ex__(protocol)
 
     def __copy__(self) -> ModelRef:
@@ -141,8 +141,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _as_model_ref(model_ref: Any) -> ModelRef:
     if isinstance(model_ref, ray.ObjectRef):  # Ray Data passes constructor kwargs unresolved
         model_ref = ray.get(model_ref)
-    if isinstance(model_ref, keeper.KeptModelRef):  # pickled outside Ray (Ray Serve's .bind arguments)
-        model_ref = keeper.fetch(model_ref)
     if not isinstance(model_ref, ModelRef):
         raise InvalidModelRefError(model_ref)
     return model_ref
@@ -161,8 +159,8 @@ def load_model_in_actor(
     """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
 
     Args:
-        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it (or the
-            token it became when pickled outside Ray, e.g. through Ray Serve's ``.bind(...)``).
+        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it (also after
+            Ray Serve's ``.bind(...)``, which pickles it outside Ray: see ``keeper.py``).
         device: ``None``/``"cpu"`` for shared-memory views, ``"cuda"`` / ``"cuda:N"`` for a GPU of this actor.
         backend: must be ``None`` or the backend the ref was prepared with.
         use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).

@@ -4,9 +4,9 @@ Ray pins every ObjectRef that is pickled outside its own serialization (``cloudp
 which Ray Serve applies to a deployment's ``.bind(...)`` arguments) for the rest of the life of
 the process that pickled it: the weights would stay in the object store after ``serve.shutdown()``
 or a redeploy, for as long as the driver runs. So a :class:`~ray_zerocopy.actor.ModelRef` pickled
-that way becomes a :class:`KeptModelRef` (the model's uid, no ObjectRef), and a small keeper
-actor per model holds the real ModelRef. ``load_model_in_actor`` accepts the token: it asks the
-keeper for the ModelRef (an ordinary Ray borrow) and the keeper counts the calling actor as a user.
+that way is pickled as its uid (no ObjectRef), and a small keeper actor per model holds the real
+ModelRef. Unpickling it (a replica's constructor arguments) asks the keeper for the ModelRef (an
+ordinary Ray borrow: the keeper returns it) and the keeper counts the calling actor as a user.
 
 Lifetimes: the keeper is detached (no CPU reserved, named ``rzc-keeper-<uid>`` in namespace
 ``ray_zerocopy``). It holds the ModelRef while a process that pickled it still holds its ModelRef
@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -35,15 +34,8 @@ _kept: dict[str, Any] = {}  # uid -> keeper handle, for the ModelRefs this proce
 _lock = threading.Lock()
 
 
-@dataclass(frozen=True)
-class KeptModelRef:
-    """A ModelRef that was pickled outside Ray: the model's uid; the keeper actor holds the weights' refs."""
-
-    uid: str
-
-    @property
-    def keeper_name(self) -> str:
-        return f"rzc-keeper-{self.uid}"
+def keeper_name(uid: str) -> str:
+    return f"rzc-keeper-{uid}"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -96,24 +88,23 @@ def _actor_alive(actor_id: str) -> bool:
     return bool(info) and info.get("State") != "DEAD"
 
 
-def keep(model_ref: Any) -> KeptModelRef:
+def keep(model_ref: Any) -> str:
     """Hand ``model_ref`` to its keeper (started once per model) and pin it until ``model_ref`` is collected here.
 
     Args:
         model_ref: a :class:`~ray_zerocopy.actor.ModelRef` being pickled outside Ray's serialization.
 
     Returns:
-        The token that is pickled in its place.
+        Its uid, which is pickled in its place (:func:`restore` turns it back into the ModelRef).
     """
-    token = KeptModelRef(model_ref.uid)
     with _lock:
         if model_ref.uid not in _kept:
-            keeper = _Keeper.options(name=token.keeper_name, namespace=NAMESPACE, lifetime="detached",
+            keeper = _Keeper.options(name=keeper_name(model_ref.uid), namespace=NAMESPACE, lifetime="detached",
                                      get_if_exists=True).remote(model_ref)
             ray.get(keeper.pin.remote(1))
             _kept[model_ref.uid] = keeper
             weakref.finalize(model_ref, _unpin, model_ref.uid)
-    return token
+    return model_ref.uid
 
 
 def _unpin(uid: str) -> None:
@@ -126,19 +117,19 @@ def _unpin(uid: str) -> None:
             pass
 
 
-def fetch(token: KeptModelRef) -> Any:
-    """The ModelRef behind ``token``, from its keeper; the calling actor is counted as a user.
+def restore(uid: str) -> Any:
+    """Unpickle a ModelRef pickled outside Ray: fetch it from its keeper; the calling actor counts as a user.
 
     Raises:
         WeightsLostError: the keeper is gone (every process that held the ModelRef dropped it and
-            no actor that loaded it is alive).
+            no actor that loaded it is alive), or Ray is not running here.
     """
     from ray_zerocopy.errors import WeightsLostError
 
     try:
-        keeper = ray.get_actor(token.keeper_name, namespace=NAMESPACE)
+        keeper = ray.get_actor(keeper_name(uid), namespace=NAMESPACE)
         return ray.get(keeper.fetch.remote(ray.get_runtime_context().get_actor_id()))
-    except (ValueError, ray.exceptions.RayActorError) as exc:
+    except Exception as exc:  # no such actor (ValueError), it died (RayActorError), Ray not started, ...
         raise WeightsLostError(exc) from exc
 
 
