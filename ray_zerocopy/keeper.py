@@ -9,9 +9,9 @@ ModelRef. Unpickling it (a replica's constructor arguments) asks the keeper for 
 ordinary Ray borrow: the keeper returns it) and the keeper counts the calling actor as a user.
 
 Lifetimes: the keeper is detached (no CPU reserved, named ``rzc-keeper-<uid>`` in namespace
-``ray_zerocopy``). It holds the ModelRef while a process that pickled it still holds its ModelRef
+``ray_zerocopy``). It holds the ModelRef while a driver or task that pickled it still holds its ModelRef
 (each such process pins it once, and unpins when its ModelRef is collected) or an actor that
-loaded it is alive (checked every ``POLL_S``). Then it lets go and exits, and Ray frees the
+unpickled or pickled it is alive (checked every ``POLL_S``). Then it lets go and exits, and Ray frees the
 weights when the last replica holding them is gone. A replica that restarts (or a new one when
 autoscaling up) while either holds loads as usual; the weights' owner is still the process that
 prepared the model, which must outlive the deployment.
@@ -48,9 +48,13 @@ class _Keeper:
         self.started = time.monotonic()
         threading.Thread(target=self._watch, daemon=True).start()
 
-    def pin(self, delta: int) -> int:
+    def pin(self, delta: int, actor_id: str | None = None) -> int:
+        """A process that pickled the ModelRef holds it: an actor counts as a user (until it dies)."""
         with self.lock:
-            self.pins += delta
+            if actor_id:
+                self.users.add(actor_id)
+            else:
+                self.pins += delta
             return self.pins
 
     def fetch(self, actor_id: str | None) -> Any:
@@ -101,9 +105,11 @@ def keep(model_ref: Any) -> str:
         if model_ref.uid not in _kept:
             keeper = _Keeper.options(name=keeper_name(model_ref.uid), namespace=NAMESPACE, lifetime="detached",
                                      get_if_exists=True).remote(model_ref)
-            ray.get(keeper.pin.remote(1))
+            actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
+            ray.get(keeper.pin.remote(1, actor_id))
             _kept[model_ref.uid] = keeper
-            weakref.finalize(model_ref, _unpin, model_ref.uid)
+            if actor_id is None:  # (an actor stops counting when it dies: its finalizer may never run)
+                weakref.finalize(model_ref, _unpin, model_ref.uid)
     return model_ref.uid
 
 
