@@ -64,7 +64,9 @@ def main() -> None:
         skeleton, refs = rewrite_pipeline_for_actors(pipe)
         print(f"prepared {sorted(refs)}: {sum(r.nbytes for r in refs.values()) / 2**20:.1f} MB in the object store")
         rows = ray.data.from_items([{"text": t} for t in texts]).map_batches(
-            Classify, fn_constructor_kwargs={"skeleton": skeleton, "model_refs": refs}, batch_size=16,
+            # ray.put: Ray Data repr()s its constructor kwargs, and a transformers pipeline's repr reads its
+            # model, which is None in the skeleton (load_pipeline_in_actor accepts the ObjectRef)
+            Classify, fn_constructor_kwargs={"skeleton": ray.put(skeleton), "model_refs": refs}, batch_size=16,
             compute=ActorPoolStrategy(size=args.actors), num_cpus=1,
         ).take_all()
     finally:
