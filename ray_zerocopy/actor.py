@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
+from ray_zerocopy import keeper
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._store import store_weights
 from ray_zerocopy._tensors import rebuild_model, split_model, weight_kinds
@@ -64,6 +65,19 @@ class ModelRef:
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     owner: Any = field(default=None, repr=False, compare=False)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Pickled outside Ray (Serve's .bind arguments), its ObjectRefs would be pinned for the rest of the
+        # pickling process's life: travel by name instead, the keeper holds the refs (see keeper.py).
+        if keeper.pickled_out_of_band():
+            return keeper.restore, (keeper.keep(self),)
+        return super().__reduce_ex__(protocol)
+
+    def __copy__(self) -> ModelRef:
+        return self  # immutable (and copying must not start a keeper)
+
+    def __deepcopy__(self, memo: dict) -> ModelRef:
+        return self
 
 
 def prepare_model_for_actors(
@@ -174,7 +188,8 @@ def load_model_in_actor(
     """Rebuild a prepared model inside an actor (or task): zero-copy on CPU, one copy to a GPU.
 
     Args:
-        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it.
+        model_ref: what :func:`prepare_model_for_actors` returned, or an ObjectRef to it (also after
+            Ray Serve's ``.bind(...)``, which pickles it outside Ray: see ``keeper.py``).
         device: ``None``/``"cpu"`` for shared-memory views, ``"cuda"`` / ``"cuda:N"`` for a GPU of this actor.
         backend: must be ``None`` or the backend the ref was prepared with.
         use_fast_load: keep parameters as plain tensors instead of ``nn.Parameter`` (slightly faster).

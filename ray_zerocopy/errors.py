@@ -220,3 +220,23 @@ class PrepareNodeError(RayZeroCopyError, ValueError):
     def __init__(self, node: object, problem: str, fix: str) -> None:
         self.node, self.problem, self.fix = node, problem, fix
         super().__init__(f"node={node!r}: {problem}. Fix: {fix}")
+
+
+class MethodNotFoundError(RayZeroCopyError, ValueError):
+    """``method_names`` names a method the model does not have (checked in the driver, at rewrite time)."""
+
+    def __init__(self, method: str, model_type: str, available: list[str]) -> None:
+        self.method, self.model_type, self.available = method, model_type, available
+        super().__init__(
+            f"method_names contains {method!r}, but {model_type} has no method of that name "
+            f"(its public methods include: {', '.join(available[:12]) or 'none'}). "
+            "Fix: list only methods the model defines (\"__call__\" for model(x)) in method_names."
+        )
+
+
+class ShimAttributeError(RayZeroCopyError, AttributeError):
+    """A task-mode shim (``rewrite_pipeline``) was asked for an attribute it cannot serve in the driver."""
+
+    def __init__(self, attribute: str, model_type: str, problem: str, fix: str) -> None:
+        self.attribute, self.model_type, self.problem, self.fix = attribute, model_type, problem, fix
+        super().__init__(f"{model_type}.{attribute} read through a rewrite_pipeline shim: {problem}. Fix: {fix}")

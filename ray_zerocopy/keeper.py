@@ -1,0 +1,147 @@
+"""A ModelRef pickled outside Ray (Ray Serve's ``.bind(...)``) travels by name, not by ObjectRef.
+
+Ray pins every ObjectRef that is pickled outside its own serialization (``cloudpickle.dumps``,
+which Ray Serve applies to a deployment's ``.bind(...)`` arguments) for the rest of the life of
+the process that pickled it: the weights would stay in the object store after ``serve.shutdown()``
+or a redeploy, for as long as the driver runs. So a :class:`~ray_zerocopy.actor.ModelRef` pickled
+that way is pickled as its uid (no ObjectRef), and a small keeper actor per model holds the real
+ModelRef. Unpickling it (a replica's constructor arguments) asks the keeper for the ModelRef (an
+ordinary Ray borrow: the keeper returns it) and the keeper counts the calling actor as a user.
+
+Lifetimes: the keeper is detached (no CPU reserved, named ``rzc-keeper-<uid>`` in namespace
+``ray_zerocopy``). It holds the ModelRef while a driver or task that pickled it still holds its ModelRef
+(each such process pins it once, and unpins when its ModelRef is collected) or an actor that
+unpickled or pickled it is alive (checked every ``POLL_S``). Then it lets go and exits, and Ray frees the
+weights when the last replica holding them is gone. A replica that restarts (or a new one when
+autoscaling up) while either holds loads as usual; the weights' owner is still the process that
+prepared the model, which must outlive the deployment.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any
+
+import ray
+
+NAMESPACE = "ray_zerocopy"
+POLL_S = 1.0
+GRACE_S = 5.0  # a new keeper waits this long for its first pin before it may exit
+
+_kept: dict[str, Any] = {}  # uid -> keeper handle, for the ModelRefs this process pinned
+_lock = threading.Lock()
+
+
+def keeper_name(uid: str) -> str:
+    return f"rzc-keeper-{uid}"
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class _Keeper:
+    """Holds one ModelRef while a pinning process or a user actor needs it, then exits."""
+
+    def __init__(self, model_ref: Any) -> None:
+        self.ref, self.pins, self.users = model_ref, 0, set()
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def pin(self, delta: int, actor_id: str | None = None) -> int:
+        """A process that pickled the ModelRef holds it: an actor counts as a user (until it dies)."""
+        with self.lock:
+            if actor_id:
+                self.users.add(actor_id)
+            else:
+                self.pins += delta
+            return self.pins
+
+    def fetch(self, actor_id: str | None) -> Any:
+        """The ModelRef (the caller borrows its ObjectRefs); an actor caller counts as a user."""
+        with self.lock:
+            if actor_id:
+                self.users.add(actor_id)
+            return self.ref
+
+    def state(self) -> dict:
+        with self.lock:
+            return {"pins": self.pins, "users": sorted(self.users)}
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(POLL_S)
+            users = {a for a in list(self.users) if _actor_alive(a)}
+            with self.lock:
+                self.users &= users
+                if self.pins > 0 or self.users or time.monotonic() - self.started < GRACE_S:
+                    continue
+                self.ref = None  # the last reference this keeper holds: the weights can go
+            ray.get_runtime_context().current_actor.shutdown.remote()  # exit_actor works only in a method
+            return
+
+    def shutdown(self) -> None:
+        ray.actor.exit_actor()
+
+
+def _actor_alive(actor_id: str) -> bool:
+    try:
+        info = ray._private.state.actors(actor_id=actor_id)
+    except Exception:  # GCS unreachable for a moment: keep the user
+        return True
+    return bool(info) and info.get("State") != "DEAD"
+
+
+def keep(model_ref: Any) -> str:
+    """Hand ``model_ref`` to its keeper (started once per model) and pin it until ``model_ref`` is collected here.
+
+    Args:
+        model_ref: a :class:`~ray_zerocopy.actor.ModelRef` being pickled outside Ray's serialization.
+
+    Returns:
+        Its uid, which is pickled in its place (:func:`restore` turns it back into the ModelRef).
+    """
+    with _lock:
+        if model_ref.uid not in _kept:
+            keeper = _Keeper.options(name=keeper_name(model_ref.uid), namespace=NAMESPACE, lifetime="detached",
+                                     get_if_exists=True).remote(model_ref)
+            actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
+            ray.get(keeper.pin.remote(1, actor_id))
+            _kept[model_ref.uid] = keeper
+            if actor_id is None:  # (an actor stops counting when it dies: its finalizer may never run)
+                weakref.finalize(model_ref, _unpin, model_ref.uid)
+    return model_ref.uid
+
+
+def _unpin(uid: str) -> None:
+    with _lock:
+        keeper = _kept.pop(uid, None)
+    if keeper is not None and ray.is_initialized():
+        try:
+            keeper.pin.remote(-1)
+        except Exception:  # interpreter or Ray shutting down: the keeper notices its pinner is gone
+            pass
+
+
+def restore(uid: str) -> Any:
+    """Unpickle a ModelRef pickled outside Ray: fetch it from its keeper; the calling actor counts as a user.
+
+    Raises:
+        WeightsLostError: the keeper is gone (every process that held the ModelRef dropped it and
+            no actor that loaded it is alive), or Ray is not running here.
+    """
+    from ray_zerocopy.errors import WeightsLostError
+
+    try:
+        keeper = ray.get_actor(keeper_name(uid), namespace=NAMESPACE)
+        return ray.get(keeper.fetch.remote(ray.get_runtime_context().get_actor_id()))
+    except Exception as exc:  # no such actor (ValueError), it died (RayActorError), Ray not started, ...
+        raise WeightsLostError(exc) from exc
+
+
+def pickled_out_of_band() -> bool:
+    """True while something outside Ray's serialization (plain ``cloudpickle.dumps``) is pickling."""
+    if not ray.is_initialized():
+        return False
+    context = ray._private.worker.global_worker.get_serialization_context()
+    return not context.is_in_band_serialization()
