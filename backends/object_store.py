@@ -19,13 +19,11 @@ import torch
 from ray_zerocopy import (
     Backend,
     array_offsets,
+    arrays_to_device,
     hookimpl,
-    quiet_readonly,
     spec_of,
-    tensor_from_bytes,
     tensor_to_bytes,
     tensors_in_arrays,
-    to_device,
 )
 
 
@@ -62,8 +60,7 @@ class ObjectStoreBackend(Backend):
         arrays = ray.get(payload.ref)
         if device.type == "cpu":
             return tensors_in_arrays(arrays, payload.specs, offsets=payload.offsets)
-        with quiet_readonly():
-            return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in payload.specs.items()}, device)
+        return arrays_to_device(arrays, payload.specs, device, offsets=payload.offsets)  # (one large copy)
 
 
 @hookimpl

@@ -124,23 +124,65 @@ def tensors_in_arrays(
     ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
     array's address: the first and last are checked against them, and all are read if they differ.
     """
+    span = _span(arrays, specs, offsets)
+    if span is None:  # not the buffers of one object: map each alone
+        return _one_by_one(arrays, specs, marker)
+    origin, nbytes, offsets = span
+    out = PrivateViews()
+    if offsets:  # (one pass over the tensors, in _views: this is a load's hot path)
+        out = _views(origin, nbytes, arrays, [(k, *specs[k], off) for k, off in offsets.items()], marker)
+    if len(out) < len(specs):  # (an empty tensor has no bytes, hence no offset)
+        out.update(_one_by_one({k: arrays[k] for k in specs if k not in out}, specs, marker))
+    return out
+
+
+def arrays_to_device(
+    arrays: Mapping[str, Any], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]], device: torch.device,
+    offsets: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`tensors_in_arrays` on ``device``: the span the arrays lie in (the buffers of
+    one object) goes in one large copy (:func:`buffer_to_device`, the fast path to a GPU), and each tensor
+    is a view of it there; one copy per tensor where the arrays are not one compact span."""
+    span = _span(arrays, specs, offsets)
+    if span is None or device.type == "cpu":
+        with quiet_readonly():
+            return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}, device)
+    origin, nbytes, offsets = span
+    raw = (ctypes.c_char * max(nbytes, 1)).from_address(origin)
+    raw.keep = arrays  # (the object stays pinned while its buffers live)
+    with quiet_readonly():
+        base = buffer_to_device(torch.frombuffer(raw, dtype=torch.uint8)[:nbytes], device)
+    out = {}
+    for k, (dtype, shape) in specs.items():
+        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+        off = offsets.get(k)
+        if off is None:
+            out[k] = torch.empty(shape, dtype=dtype, device=device)
+        else:  # (Ray aligns each buffer to 64 bytes; an odd one gets a copy of its own to be aligned)
+            piece = base[off : off + arrays[k].nbytes]
+            out[k] = (piece if off % dtype.itemsize == 0 else piece.clone()).view(dtype).view(shape)
+    return out
+
+
+def _span(
+    arrays: Mapping[str, Any], specs: Mapping[str, tuple], offsets: dict[str, int] | None,
+) -> tuple[int, int, dict[str, int]] | None:
+    """``(address, nbytes, offsets)`` of the span the non-empty arrays lie in, trusting ``offsets`` where its
+    first and last entries match the arrays; None where the arrays are not one compact span."""
     def origin(k: str) -> int:  # where the offsets count from, according to array k
         return _address(arrays[k]) - offsets[k]
 
     if offsets and origin(next(iter(offsets))) != origin(next(reversed(offsets))):
         offsets = None  # another layout than this object's
-    if not offsets:  # (an empty tensor has no bytes to share)
-        offsets = array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
-        if sum(arrays[k].nbytes + 64 for k in offsets) < max(offsets[k] + arrays[k].nbytes for k in offsets or [0]):
-            return _one_by_one(arrays, specs, marker)  # not the buffers of one object: map each alone
-    out = PrivateViews()
-    if offsets:  # (one pass over the tensors, in _views: this is a load's hot path)
-        top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
-        entries = [(k, *specs[k], off) for k, off in offsets.items()]
-        out = _views(origin(top), offsets[top] + arrays[top].nbytes, arrays, entries, marker)
-    if len(out) < len(specs):
-        out.update(_one_by_one({k: arrays[k] for k in specs if k not in out}, specs, marker))
-    return out
+    trusted = bool(offsets)
+    offsets = offsets or array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
+    if not offsets:
+        return 0, 0, {}
+    top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
+    nbytes = offsets[top] + arrays[top].nbytes
+    if not trusted and nbytes > sum(arrays[k].nbytes + 64 for k in offsets):
+        return None
+    return origin(top), nbytes, offsets
 
 
 def _one_by_one(arrays: Mapping[str, Any], specs: Mapping[str, tuple], marker: str) -> PrivateViews:

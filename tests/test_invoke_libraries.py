@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 
 import pytest
-import ray
 import torch
 
 from ray_zerocopy.errors import MethodNotFoundError, ShimAttributeError
