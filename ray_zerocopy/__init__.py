@@ -22,6 +22,7 @@ from ray_zerocopy.backend import (
     to_device,
 )
 from ray_zerocopy.errors import (
+    BackendArgumentError,
     BackendMismatchError,
     DeviceError,
     DuplicateBackendError,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BackendArgumentError",
     "BackendMismatchError",
     "DeviceError",
     "DuplicateBackendError",

@@ -8,6 +8,7 @@ its CPU weights being views into the node's shared object store.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import uuid
 import weakref
@@ -16,11 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import ray
 import torch
+from ray import cloudpickle
 
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._tensors import rebuild_model, split_model
 from ray_zerocopy.backend import Payload
 from ray_zerocopy.errors import (
+    BackendArgumentError,
     BackendMismatchError,
     DeviceError,
     FormatVersionError,
@@ -31,7 +34,7 @@ from ray_zerocopy.errors import (
     WeightsLostError,
 )
 from ray_zerocopy.guard import guard_model, norm_layers, private_copies, readonly_views
-from ray_zerocopy.plugins import backend_infos, get_backend
+from ray_zerocopy.plugins import BUILTINS, backend_infos, get_backend
 
 DEFAULT_BACKEND = "object_store"
 
@@ -50,6 +53,8 @@ class ModelRef:
         layouts: (shape, stride) of permuted tensors, stored flat in memory order.
         norm_layers: names of the norm layers with running statistics (the write guard watches them).
         uid: unique per prepared model (names its GPU holders when actors share a device copy).
+        object_refs: every ObjectRef in ``payload`` (a load checks that Ray tracks them: see
+            :func:`_check_tracked`).
     """
 
     skeleton: bytes = field(repr=False)
@@ -61,6 +66,7 @@ class ModelRef:
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
     norm_layers: tuple[str, ...] = field(default=(), repr=False)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    object_refs: tuple[ray.ObjectRef, ...] = field(default=(), repr=False)
 
 
 def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> ModelRef:
@@ -86,13 +92,58 @@ def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACK
     """
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(model)
+    _check_backend_arg(backend, "prepare_model_for_actors", 2)
     backend_infos()  # discover every plugin here, in the driver: one that clashes with a built-in fails now
     chosen = get_backend(backend)
     split = split_model(model)
     payload = chosen.put(split.weights)
     nbytes = sum(t.nbytes for t in split.weights.values())
     return ModelRef(split.skeleton, payload, chosen.name, chosen.format_version, nbytes, split.aliases, split.layouts,
-                    norm_layers(model))
+                    norm_layers(model), object_refs=_object_refs(payload))
+
+
+def _object_refs(payload: Payload) -> tuple[ray.ObjectRef, ...]:
+    """Every ObjectRef a backend's payload holds, wherever it keeps them (found once, in the driver)."""
+    found: list[ray.ObjectRef] = []
+
+    class Finder(cloudpickle.Pickler):
+        def reducer_override(self, obj: object) -> object:
+            if isinstance(obj, ray.ObjectRef):
+                found.append(obj)
+            return super().reducer_override(obj)
+
+    Finder(io.BytesIO()).dump(payload)
+    return tuple(found)
+
+
+def _check_tracked(refs: Sequence[ray.ObjectRef]) -> None:
+    """Raise WeightsLostError for an ObjectRef whose owner this process does not know: it was unpickled
+    outside Ray (plain pickle), so Ray does not track it and ``ray.get`` would wait forever, freed or not.
+    A local lookup (well under a microsecond per ref), no round trip."""
+    try:
+        core_worker = ray._private.worker.global_worker.core_worker
+    except AttributeError:  # Ray not initialized here (ray.get raises its own error), or a Ray without it
+        return
+    for ref in refs:
+        try:
+            core_worker.get_owner_address(ref)
+        except ValueError as exc:  # "... a Ray object whose owner is unknown ..."
+            raise WeightsLostError(exc, object_ref=ref) from None
+
+
+def _check_backend_arg(backend: object, function: str, position: int, original: str | None = None) -> None:
+    """Refuse a ``backend=`` that is not a backend name: a bool, a non-string, or a device name (the
+    original ray_zerocopy took ``use_fast_load`` / ``device`` where ours takes ``backend``)."""
+    if backend is None and original is not None:  # the load functions accept None (the ref's backend)
+        return
+    if isinstance(backend, str):
+        if backend in BUILTINS:
+            return
+        try:
+            torch.device(backend)
+        except (RuntimeError, ValueError):
+            return  # a name, maybe of a third-party backend (checked where it is looked up)
+    raise BackendArgumentError(backend, function, position, original)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -126,9 +177,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _as_model_ref(model_ref: Any) -> ModelRef:
     if isinstance(model_ref, ray.ObjectRef):  # Ray Data passes constructor kwargs unresolved
+        _check_tracked((model_ref,))
         model_ref = ray.get(model_ref)
     if not isinstance(model_ref, ModelRef):
         raise InvalidModelRefError(model_ref)
+    _check_tracked(model_ref.object_refs)
     return model_ref
 
 
@@ -178,6 +231,8 @@ def load_model_in_actor(
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadDtypeError(dtype)
+    if backend is not None:
+        _check_backend_arg(backend, "load_model_in_actor", 3, "use_fast_load")
     try:
         return _load(model_ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
@@ -245,10 +300,30 @@ def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     return out
 
 
+def _found_model_names(pipeline: object) -> list[str]:
+    """The model attributes of a pipeline, found as the original ray_zerocopy finds them (``dir()``, so
+    ``__slots__`` and class attributes count), and every one in its ``__dict__``, private ones too; properties are
+    skipped (they compute or alias a value, and cannot be set to None in the skeleton)."""
+    if isinstance(pipeline, torch.nn.Module):
+        return [k for k, v in pipeline._modules.items() if isinstance(v, torch.nn.Module)]
+    names = list(getattr(pipeline, "__dict__", {}))
+    names += [k for k in dir(pipeline) if not k.startswith("_") and k not in names]
+    found = []
+    for name in names:
+        if isinstance(getattr(type(pipeline), name, None), property):
+            continue
+        try:
+            value = getattr(pipeline, name)
+        except Exception:  # an attribute that raises (e.g. an empty slot) holds no model
+            continue
+        if isinstance(value, torch.nn.Module):
+            found.append(name)
+    return found
+
+
 def _model_attr_names(pipeline: object, names: Sequence[str] | None) -> list[str]:
     if names is None:
-        attrs = pipeline._modules if isinstance(pipeline, torch.nn.Module) else vars(pipeline)
-        names = [k for k, v in attrs.items() if isinstance(v, torch.nn.Module)]
+        names = _found_model_names(pipeline)
     else:
         for name in names:
             value = getattr(pipeline, name, None)
@@ -297,6 +372,7 @@ def rewrite_pipeline_for_actors(
         >>> skeleton, refs = rewrite_pipeline_for_actors(pipe)  # doctest: +SKIP
         >>> pipe = load_pipeline_in_actor(skeleton, refs, device="cuda")  # doctest: +SKIP
     """
+    _check_backend_arg(backend, "rewrite_pipeline_for_actors", 3, "device")
     names = _model_attr_names(pipeline, model_attr_names)
     by_id: dict[int, ModelRef] = {}
     refs = {}
@@ -335,6 +411,8 @@ def load_pipeline_in_actor(
     Example:
         >>> pipe = load_pipeline_in_actor(skeleton, refs)  # doctest: +SKIP
     """
+    if backend is not None:
+        _check_backend_arg(backend, "load_pipeline_in_actor", 4, "use_fast_load")
     if isinstance(skeleton, ray.ObjectRef):
         skeleton = ray.get(skeleton)
     if isinstance(model_refs, ray.ObjectRef):

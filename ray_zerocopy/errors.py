@@ -151,10 +151,14 @@ class SharedWeightWriteError(RayZeroCopyError, RuntimeError):
 
 
 class WeightsLostError(RayZeroCopyError, RuntimeError):
-    """The shared weights are gone from the cluster (their owner died, or the object was lost or evicted)."""
+    """The shared weights are gone from the cluster (their owner died, or the object was lost or evicted),
+    or cannot be found from here (a ModelRef pickled outside Ray: ``object_ref`` names the ObjectRef)."""
 
-    def __init__(self, cause: BaseException) -> None:
-        self.cause = cause
+    def __init__(self, cause: BaseException, object_ref: object = None) -> None:
+        self.cause, self.object_ref = cause, object_ref
+        if object_ref is not None:
+            Exception.__init__(self, _untracked_message(object_ref))
+            return
         super().__init__(
             f"the model's weights are no longer in Ray's object store ({type(cause).__name__}: "
             f"{str(cause).splitlines()[0] if str(cause) else ''}). Their owner (the process that called "
@@ -175,4 +179,30 @@ class LoadDtypeError(RayZeroCopyError, TypeError):
             f"dtype={dtype!r} cannot be used to load a model: expected a floating-point torch.dtype "
             "(torch.float16, torch.bfloat16, torch.float32, ...); only floating-point weights are converted. "
             "Fix: pass e.g. dtype=torch.float16, or dtype=None to keep the stored dtypes."
+        )
+
+
+def _untracked_message(object_ref: object) -> str:
+    return (
+        f"the model's weights cannot be found: {object_ref!r} has no owner known to this process, so Ray "
+        "does not track it and ray.get would wait forever, whether the weights still exist or were freed. "
+        "The ModelRef was serialized outside Ray (the standard pickle module), and a ModelRef loaded "
+        "that way does not keep its weights alive. Fix: pass the ModelRef itself to actors and tasks (as an "
+        "argument, in fn_constructor_kwargs, or through ray.put), and keep the ModelRef from "
+        "prepare_model_for_actors alive in the driver while actors load it."
+    )
+
+
+class BackendArgumentError(RayZeroCopyError, TypeError):
+    """``backend=`` is not a backend name: usually an argument of the original ray_zerocopy passed by position."""
+
+    def __init__(self, value: object, function: str, position: int, original: str | None = None) -> None:
+        self.value, self.function, self.position, self.original = value, function, position, original
+        kind = "a device name" if isinstance(value, str) else f"a {type(value).__qualname__}"
+        was = f"; in the original ray_zerocopy it was `{original}`" if original else ""
+        fix = f"pass {original}= (and device=) by keyword" if original else "pass backend= by keyword"
+        super().__init__(
+            f"{function}(): backend={value!r} is {kind}, expected a backend name (a str such as 'object_store'; "
+            f"`python -m ray_zerocopy backends` lists them) or None. Positional argument {position} of {function} "
+            f"is `backend`{was}. Fix: {fix}, e.g. {function}(..., {original or 'backend'}=...)."
         )
