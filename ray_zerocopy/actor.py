@@ -8,6 +8,7 @@ its CPU weights being views into the node's shared object store.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import uuid
@@ -55,6 +56,8 @@ class ModelRef:
         uid: unique per prepared model (names its GPU holders when actors share a device copy).
         object_refs: every ObjectRef in ``payload`` (a load checks that Ray tracks them: see
             :func:`_check_tracked`).
+        member: for models of one pipeline that share submodules, prepared together as one
+            ``ModuleList``: the index of this model in it (``None`` for a model prepared alone).
     """
 
     skeleton: bytes = field(repr=False)
@@ -67,6 +70,7 @@ class ModelRef:
     norm_layers: tuple[str, ...] = field(default=(), repr=False)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     object_refs: tuple[ray.ObjectRef, ...] = field(default=(), repr=False)
+    member: int | None = None
 
 
 def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> ModelRef:
@@ -234,9 +238,39 @@ def load_model_in_actor(
     if backend is not None:
         _check_backend_arg(backend, "load_model_in_actor", 3, "use_fast_load")
     try:
-        return _load(model_ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
+        ref = _as_model_ref(model_ref)
+        model = _load(ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
         raise WeightsLostError(exc) from exc
+    return model if ref.member is None else _member(model, ref.member)
+
+
+class _ViaRoot:
+    """A hook that the loader put on a group of models (see :func:`_prepare_together`), run for one of
+    them: the group itself is never called. A pickled or deep-copied model gets a no-op (its copy is
+    private memory, like the write guard's own copies)."""
+
+    def __init__(self, root: torch.nn.Module | None, hook: Any) -> None:
+        self.root, self.hook = root, hook
+
+    def __call__(self, module: torch.nn.Module, *rest: Any) -> Any:
+        return None if self.hook is None else self.hook(self.root, *rest)
+
+    def __reduce__(self) -> tuple:
+        return _ViaRoot, (None, None)
+
+
+def _member(root: torch.nn.Module, index: int) -> torch.nn.Module:
+    """Model ``index`` of a loaded group, with the hooks the loader put on the group (the write guard's)."""
+    model = root[index]
+    if not getattr(model, "_rzc_via_root", False):  # (a pipeline takes each member once; a reload is a new root)
+        for hook_id, hook in root._forward_pre_hooks.items():
+            model.register_forward_pre_hook(_ViaRoot(root, hook))
+        for hook_id, hook in root._forward_hooks.items():
+            model.register_forward_hook(_ViaRoot(root, hook), always_call=hook_id in root._forward_hooks_always_called)
+        model.__dict__.update({k: v for k, v in vars(root).items() if k.startswith("_rzc")})
+        model._rzc_via_root = True
+    return model
 
 
 def _load(
@@ -374,17 +408,37 @@ def rewrite_pipeline_for_actors(
     """
     _check_backend_arg(backend, "rewrite_pipeline_for_actors", 3, "device")
     names = _model_attr_names(pipeline, model_attr_names)
-    by_id: dict[int, ModelRef] = {}
-    refs = {}
-    for name in names:
-        model = getattr(pipeline, name)
-        if id(model) not in by_id:
-            by_id[id(model)] = prepare_model_for_actors(model, backend=backend)
-        refs[name] = by_id[id(model)]
+    models = {id(m): m for m in (getattr(pipeline, name) for name in names)}  # a model held twice: once
+    if _share_parts(list(models.values())):
+        by_id = dict(zip(models, _prepare_together(list(models.values()), backend)))
+    else:
+        by_id = {key: prepare_model_for_actors(m, backend=backend) for key, m in models.items()}
+    refs = {name: by_id[id(getattr(pipeline, name))] for name in names}
     skeleton = _shallow_copy(pipeline)
     for name in names:
         _set_attr(skeleton, name, None)
     return skeleton, refs
+
+
+def _share_parts(models: list[torch.nn.Module]) -> bool:
+    """True if two of the models hold the same submodule, or tensors over the same bytes."""
+    owner: dict[tuple, int] = {}
+    for i, model in enumerate(models):
+        keys = {("module", id(m)) for m in model.modules()}
+        keys |= {("bytes", t.device, t.untyped_storage().data_ptr())
+                 for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta" and t.nbytes}
+        for key in keys:
+            if owner.setdefault(key, i) != i:
+                return True
+    return False
+
+
+def _prepare_together(models: list[torch.nn.Module], backend: str) -> list[ModelRef]:
+    """Prepare models that share parts as one ``ModuleList``: the shared weights are stored once, and
+    an actor loads them as one object (the submodule every model holds is one module again). Each
+    model gets a ModelRef of the whole group naming its index (loading one alone loads the group)."""
+    group = prepare_model_for_actors(torch.nn.ModuleList(models), backend=backend)
+    return [dataclasses.replace(group, member=i) for i in range(len(models))]
 
 
 def load_pipeline_in_actor(
@@ -418,13 +472,14 @@ def load_pipeline_in_actor(
     if isinstance(model_refs, ray.ObjectRef):
         model_refs = ray.get(model_refs)
     pipeline = _shallow_copy(skeleton)
-    loaded: dict[int, torch.nn.Module] = {}
+    loaded: dict[str, torch.nn.Module] = {}  # by ModelRef.uid: models prepared together load together
     for name, ref in model_refs.items():
         ref = _as_model_ref(ref)
-        if id(ref) not in loaded:
-            loaded[id(ref)] = load_model_in_actor(
-                ref, device=device, backend=backend, use_fast_load=use_fast_load, private_copy=private_copy,
-                dtype=dtype, share_gpu=share_gpu,
+        if ref.uid not in loaded:
+            loaded[ref.uid] = load_model_in_actor(
+                dataclasses.replace(ref, member=None), device=device, backend=backend, use_fast_load=use_fast_load,
+                private_copy=private_copy, dtype=dtype, share_gpu=share_gpu,
             )
-        _set_attr(pipeline, name, loaded[id(ref)])
+        model = loaded[ref.uid]
+        _set_attr(pipeline, name, model if ref.member is None else _member(model, ref.member))
     return pipeline
