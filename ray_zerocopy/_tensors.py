@@ -135,6 +135,8 @@ class _Splitter:
         self.pids: dict[PersistentId, int] = {}  # -> its index: the persistent id written into the skeleton
         self.ids: dict[int, int] = {}
         self.unnamed = 0
+        self.names: dict[int, str] = {}  # id -> attribute name of plain tensors that cannot be shared
+        self.unshared: list[torch.Tensor] = []  # tensors with data that the skeleton would carry
         self._keep_alive: list[torch.Tensor] = []  # ids are only unique while the objects live
 
     def add(self, name: str, t: torch.Tensor, is_param: bool) -> int:
@@ -156,6 +158,8 @@ class _Splitter:
         """A tensor the skeleton reaches only through other objects (found while pickling it): shared
         too, under a name of its own, if it can be."""
         if not _shareable(t):
+            if t.device.type != "meta" and t.numel() and all(x is not t for x in self.unshared):
+                self.unshared.append(t)
             return None
         self.unnamed += 1
         return self.add(f"<tensor {self.unnamed}>", t, isinstance(t, torch.nn.Parameter))
@@ -180,6 +184,7 @@ def split_model(model: torch.nn.Module) -> SplitModel:
     for name, t in _plain_tensors(model):
         if id(t) not in split.ids and _shareable(t):
             split.add(name, t, isinstance(t, torch.nn.Parameter))
+        split.names.setdefault(id(t), name)
     modes = [(m, m.training) for m in model.modules()]
     try:  # pickle the skeleton in eval mode without calling train(): the caller's model is left as it was
         for m, _ in modes:
@@ -188,7 +193,26 @@ def split_model(model: torch.nn.Module) -> SplitModel:
     finally:
         for m, mode in modes:
             m.training = mode
+    if split.unshared:
+        _refuse_unshared(split.unshared[0], split.names.get(id(split.unshared[0])))
     return SplitModel(skeleton, split.weights, split.aliases, split.layouts)
+
+
+def _refuse_unshared(t: torch.Tensor, name: str | None) -> None:
+    """A tensor outside parameters and buffers that cannot travel as bytes would be pickled into the
+    skeleton, a private copy in every actor: refuse it in the driver, naming it and its size."""
+    try:
+        size = t.nbytes
+    except RuntimeError:  # sparse: the size of the equivalent dense tensor
+        size = t.numel() * t.element_size()
+    what = f"tensor {name!r}" if name else f"a tensor of shape {tuple(t.shape)} reached through a plain attribute"
+    raise UnsupportedModelError(
+        name.rpartition(".")[0] if name else "",
+        f"{what} ({size / 2**20:.2f} MiB, {type(t).__qualname__}, {t.layout}, {t.dtype}) is held outside "
+        "parameters and buffers and cannot be shared as plain bytes, so every actor would get its own copy",
+        "make it a dense plain tensor before preparing (.to_dense(), .dequantize(), .as_subclass(torch.Tensor)), "
+        "or create it in the actor after loading",
+    )
 
 
 class _SkeletonPickler(cloudpickle.Pickler):

@@ -151,3 +151,20 @@ def test_a_model_of_a_group_loads_alone_and_keeps_the_write_guard(ray_local):
     decoder.train()  # BatchNorm in train mode would update shared running statistics
     with pytest.raises(SharedWeightWriteError):
         decoder(h)
+
+
+class WithSparse(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.adjacency = torch.eye(512).to_sparse()  # cannot travel as plain bytes
+
+
+def test_plain_tensor_that_cannot_be_shared_is_refused_with_its_name_and_size(ray_local):
+    from ray_zerocopy import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as info:
+        prepare_model_for_actors(WithSparse())
+    msg = str(info.value)
+    assert "tensor 'adjacency' (1.00 MiB, Tensor, torch.sparse_coo, torch.float32)" in msg
+    assert "every actor would get its own copy" in msg and ".to_dense()" in msg
