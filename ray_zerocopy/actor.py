@@ -89,7 +89,9 @@ def prepare_model_for_actors(model: torch.nn.Module, backend: str = DEFAULT_BACK
     Raises:
         NotAModuleError: ``model`` is not an ``nn.Module``.
         UnknownBackendError: no backend of that name is installed.
-        UnsupportedModelError: a submodule cannot be split (meta/quantized tensors, unpicklable parts).
+        BackendArgumentError: ``backend`` is not a backend name.
+        UnsupportedModelError: a submodule cannot be split (meta/quantized tensors, unpicklable parts,
+            a tensor outside parameters and buffers that cannot be shared).
 
     Example:
         >>> ref = prepare_model_for_actors(torch.nn.Linear(4, 2))  # doctest: +SKIP
@@ -223,11 +225,13 @@ def load_model_in_actor(
     Raises:
         InvalidModelRefError: ``model_ref`` is not a model ref.
         BackendMismatchError: ``backend`` disagrees with the ref's backend.
+        BackendArgumentError: ``backend`` is not a name (e.g. the original's positional ``use_fast_load=True``).
         UnknownBackendError: the ref's backend is not installed in this process.
         FormatVersionError: the payload was written by an incompatible backend version.
         DeviceError: ``device`` is not visible here.
         LoadDtypeError: ``dtype`` is not a floating-point torch dtype.
-        WeightsLostError: the weights are gone (their owner died, or they were lost or evicted).
+        WeightsLostError: the weights are gone (their owner died, or they were lost or evicted), or
+            the ref was unpickled outside Ray (plain ``pickle``), so Ray cannot find them.
         SharedWeightWriteError: (later, from a call) the model wrote into its shared weights.
 
     Example:
@@ -396,11 +400,14 @@ def rewrite_pipeline_for_actors(
 
     Returns:
         ``(skeleton, model_refs)``: a shallow copy of the pipeline with those attributes set to
-        ``None``, and ``{attribute name: ModelRef}``. A model held under two names is stored once.
+        ``None``, and ``{attribute name: ModelRef}``. A model held under two names is stored once;
+        models that share a submodule (or tensors) are prepared together, so the shared weights are
+        stored once and stay shared after :func:`load_pipeline_in_actor`.
 
     Raises:
         NoModelsError: the pipeline holds no model.
         NotAModuleError: a named attribute is not a model.
+        BackendArgumentError: ``backend`` is not a backend name (e.g. the original's positional ``device``).
 
     Example:
         >>> skeleton, refs = rewrite_pipeline_for_actors(pipe)  # doctest: +SKIP
