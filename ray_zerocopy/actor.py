@@ -137,10 +137,11 @@ def _check_tracked(refs: Sequence[ray.ObjectRef]) -> None:
             raise WeightsLostError(exc, object_ref=ref) from None
 
 
-def _check_backend_arg(backend: object, function: str, position: int, original: str | None = None) -> None:
+def _check_backend_arg(backend: object, function: str, position: int, original: str | None = None,
+                       optional: bool = False) -> None:
     """Refuse a ``backend=`` that is not a backend name: a bool, a non-string, or a device name (the
     original ray_zerocopy took ``use_fast_load`` / ``device`` where ours takes ``backend``)."""
-    if backend is None and original is not None:  # the load functions accept None (the ref's backend)
+    if backend is None and optional:  # the load functions: None means the ref's backend
         return
     if isinstance(backend, str):
         if backend in BUILTINS:
@@ -149,7 +150,7 @@ def _check_backend_arg(backend: object, function: str, position: int, original: 
             torch.device(backend)
         except (RuntimeError, ValueError):
             return  # a name, maybe of a third-party backend (checked where it is looked up)
-    raise BackendArgumentError(backend, function, position, original)
+    raise BackendArgumentError(backend, function, position, original, optional)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -240,7 +241,7 @@ def load_model_in_actor(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadDtypeError(dtype)
     if backend is not None:
-        _check_backend_arg(backend, "load_model_in_actor", 3, "use_fast_load")
+        _check_backend_arg(backend, "load_model_in_actor", 3, "use_fast_load", optional=True)
     try:
         ref = _as_model_ref(model_ref)
         model = _load(ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
@@ -473,7 +474,7 @@ def load_pipeline_in_actor(
         >>> pipe = load_pipeline_in_actor(skeleton, refs)  # doctest: +SKIP
     """
     if backend is not None:
-        _check_backend_arg(backend, "load_pipeline_in_actor", 4, "use_fast_load")
+        _check_backend_arg(backend, "load_pipeline_in_actor", 4, "use_fast_load", optional=True)
     if isinstance(skeleton, ray.ObjectRef):
         skeleton = ray.get(skeleton)
     if isinstance(model_refs, ray.ObjectRef):

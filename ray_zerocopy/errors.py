@@ -196,13 +196,19 @@ def _untracked_message(object_ref: object) -> str:
 class BackendArgumentError(RayZeroCopyError, TypeError):
     """``backend=`` is not a backend name: usually an argument of the original ray_zerocopy passed by position."""
 
-    def __init__(self, value: object, function: str, position: int, original: str | None = None) -> None:
+    def __init__(self, value: object, function: str, position: int, original: str | None = None,
+                 optional: bool = False) -> None:
         self.value, self.function, self.position, self.original = value, function, position, original
-        kind = "a device name" if isinstance(value, str) else f"a {type(value).__qualname__}"
+        kind = "a device name" if isinstance(value, str) else f"of type {type(value).__qualname__}"
         was = f"; in the original ray_zerocopy it was `{original}`" if original else ""
-        fix = f"pass {original}= (and device=) by keyword" if original else "pass backend= by keyword"
+        fix = {
+            None: "pass a backend name, by keyword: backend='object_store'",
+            "device": "pass the device to load_pipeline_in_actor(..., device=...) in the actor (a pipeline is "
+                      "prepared on no device), and backend= only by keyword",
+        }.get(original, f"pass {original}= (and device=) by keyword, e.g. {function}(..., device='cpu', "
+                        f"{original}=True)")
         super().__init__(
             f"{function}(): backend={value!r} is {kind}, expected a backend name (a str such as 'object_store'; "
-            f"`python -m ray_zerocopy backends` lists them) or None. Positional argument {position} of {function} "
-            f"is `backend`{was}. Fix: {fix}, e.g. {function}(..., {original or 'backend'}=...)."
+            f"`python -m ray_zerocopy backends` lists them){' or None' if optional else ''}. Positional argument "
+            f"{position} of {function} is `backend`{was}. Fix: {fix}."
         )
