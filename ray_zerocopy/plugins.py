@@ -141,7 +141,8 @@ def backend_infos() -> dict[str, BackendInfo]:
             found: dict[str, BackendInfo] = {}
             for impl in pm.hook.register_backends.get_hookimpls():
                 builtin = impl.plugin_name in BUILTIN_PLUGINS
-                dist, target = ("built-in", "") if builtin else _entry_points.get(id(impl.plugin), ("not installed", ""))
+                unknown = ("not installed", "")
+                dist, target = ("built-in", "") if builtin else _entry_points.get(id(impl.plugin), unknown)
                 try:
                     new = _call_hook(impl, dist)
                 except DuplicateBackendError:
