@@ -269,7 +269,7 @@ def _member(root: torch.nn.Module, index: int) -> torch.nn.Module:
     """Model ``index`` of a loaded group, with the hooks the loader put on the group (the write guard's)."""
     model = root[index]
     if not getattr(model, "_rzc_via_root", False):  # (a pipeline takes each member once; a reload is a new root)
-        for hook_id, hook in root._forward_pre_hooks.items():
+        for hook in root._forward_pre_hooks.values():
             model.register_forward_pre_hook(_ViaRoot(root, hook))
         for hook_id, hook in root._forward_hooks.items():
             model.register_forward_hook(_ViaRoot(root, hook), always_call=hook_id in root._forward_hooks_always_called)
