@@ -24,6 +24,7 @@ from ray_zerocopy.backend import (
 )
 from ray_zerocopy._stream import put_joined
 from ray_zerocopy.errors import (
+    BackendArgumentError,
     BackendMismatchError,
     CheckpointError,
     CheckpointMismatchError,
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BackendArgumentError",
     "BackendMismatchError",
     "CheckpointError",
     "CheckpointMismatchError",

@@ -7,13 +7,23 @@ import sys
 
 
 def _list_backends() -> int:
-    from ray_zerocopy.plugins import DISABLE_AUTOLOAD_ENV, backend_infos
+    import warnings
 
-    infos = backend_infos()
+    from ray_zerocopy.plugins import DISABLE_AUTOLOAD_ENV, PluginLoadWarning, backend_infos, broken_plugins
+
+    with warnings.catch_warnings():  # listed below instead
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        infos = backend_infos()
+        broken = broken_plugins()
     rows = [("backend", "plugin", "distribution")] + [(i.name, i.plugin, i.distribution) for i in infos.values()]
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if broken:
+        print(f"\nbroken plugin(s), skipped (fix or uninstall them, or set {DISABLE_AUTOLOAD_ENV}=1):")
+        for b in broken:
+            where = f" (entry point {b.plugin} = {b.target})" if b.target else ""
+            print(f"  BROKEN  {b.plugin}  {b.distribution}{where}: {b.error}")
     print(f"\n{len(infos)} backend(s); set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party entry points.")
     return 0
 

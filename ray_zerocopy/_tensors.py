@@ -102,9 +102,77 @@ def _named_tensors(model: torch.nn.Module):
         yield name, t, False
 
 
+def _plain_tensors(model: torch.nn.Module):
+    """Tensors held as plain module attributes (not parameters or buffers: ``self.table = torch.randn(...)``,
+    hook-based weight_norm's derived ``weight``), directly or in a list, tuple or dict attribute, by name."""
+    for prefix, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in _ATTRS:  # _parameters, _buffers, _modules, hooks, ...
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, torch.Tensor):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, torch.Tensor))
+            elif isinstance(value, dict):
+                yield from ((f"{name}[{k!r}]", v) for k, v in value.items()
+                            if isinstance(v, torch.Tensor) and isinstance(k, (str, int)) and "." not in str(k))
+
+
+def _shareable(t: torch.Tensor) -> bool:
+    """A plain tensor attribute that can travel as bytes (others stay in the skeleton, as pickled)."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.layout == torch.strided
+            and not t.is_quantized and t.device.type != "meta" and t.nbytes > 0)
+
+
+class _Splitter:
+    """The unique weights of one model, and the persistent id of every tensor object put into its skeleton."""
+
+    def __init__(self) -> None:
+        self.canonical: dict[tuple, str] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        self.layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.originals: dict[str, torch.Tensor] = {}
+        self.pids: dict[PersistentId, int] = {}  # -> its index: the persistent id written into the skeleton
+        self.ids: dict[int, int] = {}
+        self.unnamed = 0
+        self.names: dict[int, str] = {}  # id -> attribute name of plain tensors that cannot be shared
+        self.unshared: list[torch.Tensor] = []  # tensors with data that the skeleton would carry
+        self._keep_alive: list[torch.Tensor] = []  # ids are only unique while the objects live
+
+    def add(self, name: str, t: torch.Tensor, is_param: bool) -> int:
+        """Store ``t`` under ``name`` unless its bytes are stored already; its persistent id."""
+        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # meta tensors share one null address
+        first = self.canonical.setdefault(key, name)
+        if first == name:
+            data = self.originals[name] = t.detach()
+            if not data.is_meta and not data.is_contiguous() and _is_permuted_dense(data):
+                self.layouts[name] = (tuple(data.shape), data.stride())
+                data = data.as_strided((data.numel(),), (1,), data.storage_offset())
+            self.weights[name] = data if data.is_meta else data.cpu().contiguous()
+        elif name not in self.weights:
+            self.aliases[name] = first
+        pid = self.ids[id(t)] = self.pids.setdefault((first, is_param), len(self.pids))
+        self._keep_alive.append(t)
+        return pid
+
+    def add_unnamed(self, t: torch.Tensor) -> int | None:
+        """A tensor the skeleton reaches only through other objects (found while pickling it): shared
+        too, under a name of its own, if it can be."""
+        if not _shareable(t):
+            if t.device.type != "meta" and t.numel() and all(x is not t for x in self.unshared):
+                self.unshared.append(t)
+            return None
+        self.unnamed += 1
+        return self.add(f"<tensor {self.unnamed}>", t, isinstance(t, torch.nn.Parameter))
+
+
 def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
     """Split ``model`` into skeleton bytes and unique weights, without copying CPU weights.
 
+    Parameters, buffers and tensors held in plain attributes (``self.table = torch.randn(...)``, or
+    anywhere else the pickled module reaches) all become weights: shared, not copied into every actor.
     A permuted tensor (e.g. a transposed weight) is stored as its bytes in memory order
     and its strides are restored at load, so matmuls round exactly as in the driver.
     Other non-contiguous tensors are made contiguous, and GPU tensors are copied to the
@@ -112,63 +180,72 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
     With ``allow_meta`` (weights that a checkpoint fills, see ``checkpoint.py``) tensors on the
     meta device are kept as they are, tied by identity; the caller replaces them.
     """
-    canonical: dict[tuple, str] = {}
-    weights: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    originals: dict[str, torch.Tensor] = {}
-    pids: dict[PersistentId, int] = {}  # -> its index: the persistent id written into the skeleton
-    ids: dict[int, int] = {}
-    keep_alive = []  # ids are only unique while the objects live
+    split = _Splitter()
     for module_name, module in model.named_modules():
         _check_module(module_name, module)
     for name, t, is_param in _named_tensors(model):
         _check_tensor(name, t, allow_meta)
-        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # meta tensors share one null address
-        first = canonical.setdefault(key, name)
-        if first == name:
-            data = originals[name] = t.detach()
-            if not data.is_meta and not data.is_contiguous() and _is_permuted_dense(data):
-                layouts[name] = (tuple(data.shape), data.stride())
-                data = data.as_strided((data.numel(),), (1,), data.storage_offset())
-            weights[name] = data if data.is_meta else data.cpu().contiguous()
-        elif name not in weights:
-            aliases[name] = first
-        ids[id(t)] = pids.setdefault((first, is_param), len(pids))
-        keep_alive.append(t)
+        split.add(name, t, is_param)
+    for name, t in _plain_tensors(model):
+        if id(t) not in split.ids and _shareable(t):
+            split.add(name, t, isinstance(t, torch.nn.Parameter))
+        split.names.setdefault(id(t), name)
     modes = [(m, m.training) for m in model.modules()]
     try:  # pickle the skeleton in eval mode without calling train(): the caller's model is left as it was
         for m, _ in modes:
             m.training = False
-        skeleton = _pickle_skeleton(model, ids, list(pids))
+        skeleton = _pickle_skeleton(model, split)
     finally:
         for m, mode in modes:
             m.training = mode
-    return SplitModel(skeleton, weights, aliases, layouts, originals)
+    if split.unshared:
+        _refuse_unshared(split.unshared[0], split.names.get(id(split.unshared[0])))
+    return SplitModel(skeleton, split.weights, split.aliases, split.layouts, split.originals)
+
+
+def _refuse_unshared(t: torch.Tensor, name: str | None) -> None:
+    """A tensor outside parameters and buffers that cannot travel as bytes would be pickled into the
+    skeleton, a private copy in every actor: refuse it in the driver, naming it and its size."""
+    try:
+        size = t.nbytes
+    except RuntimeError:  # sparse: the size of the equivalent dense tensor
+        size = t.numel() * t.element_size()
+    what = f"tensor {name!r}" if name else f"a tensor of shape {tuple(t.shape)} reached through a plain attribute"
+    raise UnsupportedModelError(
+        name.rpartition(".")[0] if name else "",
+        f"{what} ({size / 2**20:.2f} MiB, {type(t).__qualname__}, {t.layout}, {t.dtype}) is held outside "
+        "parameters and buffers and cannot be shared as plain bytes, so every actor would get its own copy",
+        "make it a dense plain tensor before preparing (.to_dense(), .dequantize(), .as_subclass(torch.Tensor)), "
+        "or create it in the actor after loading",
+    )
 
 
 class _SkeletonPickler(cloudpickle.Pickler):
     """cloudpickle (so classes defined in ``__main__`` work) with weights swapped for persistent ids,
     and modules whose state :func:`_set_module_state` can set marked for it."""
 
-    def __init__(self, file: io.BytesIO, ids: Mapping[int, int], setter: int | None = None) -> None:
+    def __init__(self, file: io.BytesIO, ids: Mapping[int, int], split: _Splitter | None = None) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._ids = ids
-        self._setter = setter  # the persistent id of the state setter (the actor picks which one it is)
+        self._split = split  # None: a trial pickle (no setter, nothing new shared)
 
     def persistent_id(self, obj: object) -> int | None:
         if obj is _set_module_state:
-            return self._setter
-        return self._ids.get(id(obj)) if isinstance(obj, torch.Tensor) else None
+            return None if self._split is None else _SETTER  # (the actor picks which setter it is)
+        if isinstance(obj, torch.Tensor):
+            pid = self._ids.get(id(obj))
+            return self._split.add_unnamed(obj) if pid is None and self._split is not None else pid
+        return None
 
     def reducer_override(self, obj: object) -> object:
-        if self._setter is not None and isinstance(obj, torch.nn.Module) and type(obj).__setstate__ is _SETSTATE:
+        if self._split is not None and isinstance(obj, torch.nn.Module) and type(obj).__setstate__ is _SETSTATE:
             rv = obj.__reduce_ex__(self.proto)  # (copyreg.__newobj__, (cls,), state, None, None)
             if isinstance(rv, tuple) and len(rv) == 5 and isinstance(rv[2], dict) and rv[2].keys() >= _ATTRS:
                 return (*rv, _set_module_state)  # a 6th item: pickle calls it with (module, state)
         return super().reducer_override(obj)
 
 
+_SETTER = -1  # the state setter's persistent id: the last object the actor's persistent_load holds
 _SETSTATE = torch.nn.Module.__setstate__
 _ATTRS = frozenset(torch.nn.Module().__dict__)  # what Module.__setstate__ adds where a state lacks it
 
@@ -187,22 +264,24 @@ def _plain_set_module_state(module: torch.nn.Module, state: dict) -> None:
     module.__setstate__(state)
 
 
-def _dumps(obj: object, ids: Mapping[int, int], pids: list[PersistentId] | None = None) -> bytes:
-    buf = io.BytesIO()
-    if pids is not None:  # first the weights' (name, is a Parameter) by index and Module's attributes here
-        pickle.dump((pids, _ATTRS), buf, protocol=pickle.HIGHEST_PROTOCOL)
-    _SkeletonPickler(buf, ids, None if pids is None else len(pids)).dump(obj)
-    return buf.getvalue()
+def _dumps(obj: object, ids: Mapping[int, int], split: _Splitter | None = None) -> bytes:
+    """The pickle of ``obj``; with ``split``, headed by the weights' (name, is a Parameter) by persistent
+    id and Module's attributes here (written after the body: pickling it may share more tensors)."""
+    body = io.BytesIO()
+    _SkeletonPickler(body, ids, split).dump(obj)
+    if split is None:
+        return body.getvalue()
+    return pickle.dumps((list(split.pids), _ATTRS), protocol=pickle.HIGHEST_PROTOCOL) + body.getvalue()
 
 
-def _pickle_skeleton(model: torch.nn.Module, ids: Mapping[int, int], pids: list[PersistentId]) -> bytes:
+def _pickle_skeleton(model: torch.nn.Module, split: _Splitter) -> bytes:
     try:
-        return _dumps(model, ids, pids)
+        return _dumps(model, split.ids, split)
     except Exception as exc:  # name the deepest submodule that fails, not just "the model"
         culprit = ""
         for name, sub in reversed(list(model.named_modules())):
             try:
-                _dumps(sub, ids)
+                _dumps(sub, split.ids)
             except Exception:
                 culprit = name
                 break

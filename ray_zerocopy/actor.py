@@ -8,6 +8,8 @@ its CPU weights being views into the node's shared object store.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
 import os
 import uuid
 import weakref
@@ -16,13 +18,16 @@ from typing import Any, Mapping, Sequence
 
 import ray
 import torch
+from ray import cloudpickle
 
 from ray_zerocopy import keeper
 from ray_zerocopy._log import warn_once
+from ray_zerocopy._shm import private_views
 from ray_zerocopy._store import store_weights
 from ray_zerocopy._tensors import rebuild_model, split_model, weight_kinds
 from ray_zerocopy.backend import Payload
 from ray_zerocopy.errors import (
+    BackendArgumentError,
     BackendMismatchError,
     DeviceError,
     FormatVersionError,
@@ -32,9 +37,8 @@ from ray_zerocopy.errors import (
     NotAModuleError,
     WeightsLostError,
 )
-from ray_zerocopy._shm import private_views
 from ray_zerocopy.guard import guard_model
-from ray_zerocopy.plugins import backend_infos, get_backend
+from ray_zerocopy.plugins import BUILTINS, backend_infos, get_backend
 
 DEFAULT_BACKEND = "object_store"
 
@@ -54,6 +58,10 @@ class ModelRef:
         uid: unique per prepared model (names its GPU holders when actors share a device copy).
         owner: the actor that owns the weights when they were prepared on another node (``node=``);
             holding the ref keeps it alive. ``None`` where the preparing process owns them.
+        object_refs: every ObjectRef in ``payload`` (a load checks that Ray tracks them: see
+            :func:`_check_tracked`).
+        member: for models of one pipeline that share submodules, prepared together as one
+            ``ModuleList``: the index of this model in it (``None`` for a model prepared alone).
     """
 
     skeleton: bytes = field(repr=False)
@@ -65,6 +73,8 @@ class ModelRef:
     layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict, repr=False)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     owner: Any = field(default=None, repr=False, compare=False)
+    object_refs: tuple[ray.ObjectRef, ...] = field(default=(), repr=False)
+    member: int | None = None
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Pickled outside Ray (Serve's .bind arguments), its ObjectRefs would be pinned for the rest of the
@@ -116,7 +126,9 @@ def prepare_model_for_actors(
     Raises:
         NotAModuleError: ``model`` is not an ``nn.Module``.
         UnknownBackendError: no backend of that name is installed.
-        UnsupportedModelError: a submodule cannot be split (meta/quantized tensors, unpicklable parts).
+        BackendArgumentError: ``backend`` is not a backend name.
+        UnsupportedModelError: a submodule cannot be split (meta/quantized tensors, unpicklable parts,
+            a tensor outside parameters and buffers that cannot be shared).
         CheckpointError: ``checkpoint`` is not a safetensors file or Hugging Face folder.
         CheckpointMismatchError: the checkpoint's tensors do not match the model's (each one named).
         PrepareNodeError: ``node`` is not an alive node, or is given without ``checkpoint``.
@@ -129,13 +141,59 @@ def prepare_model_for_actors(
     """
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(model)
+    _check_backend_arg(backend, "prepare_model_for_actors", 2)
     backend_infos()  # discover every plugin here, in the driver: one that clashes with a built-in fails now
     chosen = get_backend(backend)
     split = split_model(model, allow_meta=checkpoint is not None)
     stored = store_weights(chosen, split, checkpoint, node, progress)
     nbytes = sum(t.nbytes for t in split.weights.values())
     return ModelRef(split.skeleton, stored.payload, chosen.name, chosen.format_version, nbytes, split.aliases,
-                    stored.layouts, owner=stored.owner)
+                    stored.layouts, owner=stored.owner, object_refs=_object_refs(stored.payload))
+
+
+def _object_refs(payload: Payload) -> tuple[ray.ObjectRef, ...]:
+    """Every ObjectRef a backend's payload holds, wherever it keeps them (found once, in the driver)."""
+    found: list[ray.ObjectRef] = []
+
+    class Finder(cloudpickle.Pickler):
+        def reducer_override(self, obj: object) -> object:
+            if isinstance(obj, ray.ObjectRef):
+                found.append(obj)
+            return super().reducer_override(obj)
+
+    Finder(io.BytesIO()).dump(payload)
+    return tuple(found)
+
+
+def _check_tracked(refs: Sequence[ray.ObjectRef]) -> None:
+    """Raise WeightsLostError for an ObjectRef whose owner this process does not know: it was unpickled
+    outside Ray (plain pickle), so Ray does not track it and ``ray.get`` would wait forever, freed or not.
+    A local lookup (well under a microsecond per ref), no round trip."""
+    try:
+        core_worker = ray._private.worker.global_worker.core_worker
+    except AttributeError:  # Ray not initialized here (ray.get raises its own error), or a Ray without it
+        return
+    for ref in refs:
+        try:
+            core_worker.get_owner_address(ref)
+        except ValueError as exc:  # "... a Ray object whose owner is unknown ..."
+            raise WeightsLostError(exc, object_ref=ref) from None
+
+
+def _check_backend_arg(backend: object, function: str, position: int, original: str | None = None,
+                       optional: bool = False) -> None:
+    """Refuse a ``backend=`` that is not a backend name: a bool, a non-string, or a device name (the
+    original ray_zerocopy took ``use_fast_load`` / ``device`` where ours takes ``backend``)."""
+    if backend is None and optional:  # the load functions: None means the ref's backend
+        return
+    if isinstance(backend, str):
+        if backend in BUILTINS:
+            return
+        try:
+            torch.device(backend)
+        except (RuntimeError, ValueError):
+            return  # a name, maybe of a third-party backend (checked where it is looked up)
+    raise BackendArgumentError(backend, function, position, original, optional)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -169,9 +227,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _as_model_ref(model_ref: Any) -> ModelRef:
     if isinstance(model_ref, ray.ObjectRef):  # Ray Data passes constructor kwargs unresolved
+        _check_tracked((model_ref,))
         model_ref = ray.get(model_ref)
     if not isinstance(model_ref, ModelRef):
         raise InvalidModelRefError(model_ref)
+    _check_tracked(model_ref.object_refs)
     return model_ref
 
 
@@ -211,11 +271,13 @@ def load_model_in_actor(
     Raises:
         InvalidModelRefError: ``model_ref`` is not a model ref.
         BackendMismatchError: ``backend`` disagrees with the ref's backend.
+        BackendArgumentError: ``backend`` is not a name (e.g. the original's positional ``use_fast_load=True``).
         UnknownBackendError: the ref's backend is not installed in this process.
         FormatVersionError: the payload was written by an incompatible backend version.
         DeviceError: ``device`` is not visible here.
         LoadDtypeError: ``dtype`` is not a floating-point torch dtype.
-        WeightsLostError: the weights are gone (their owner died, or they were lost or evicted).
+        WeightsLostError: the weights are gone (their owner died, or they were lost or evicted), or
+            the ref was unpickled outside Ray (plain ``pickle``), so Ray cannot find them.
         SharedWeightWriteError: (later, from a call) with ``share_gpu=True``, the model wrote into the
             parameters it shares on the GPU (they are restored first).
 
@@ -224,10 +286,42 @@ def load_model_in_actor(
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise LoadDtypeError(dtype)
+    if backend is not None:
+        _check_backend_arg(backend, "load_model_in_actor", 3, "use_fast_load", optional=True)
     try:
-        return _load(model_ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
+        ref = _as_model_ref(model_ref)
+        model = _load(ref, device, backend, use_fast_load, private_copy, dtype, share_gpu)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
         raise WeightsLostError(exc) from exc
+    return model if ref.member is None else _member(model, ref.member)
+
+
+class _ViaRoot:
+    """A hook that the loader put on a group of models (see :func:`_prepare_together`), run for one of
+    them: the group itself is never called. A pickled or deep-copied model gets a no-op (its copy is
+    private memory, like the write guard's own copies)."""
+
+    def __init__(self, root: torch.nn.Module | None, hook: Any) -> None:
+        self.root, self.hook = root, hook
+
+    def __call__(self, module: torch.nn.Module, *rest: Any) -> Any:
+        return None if self.hook is None else self.hook(self.root, *rest)
+
+    def __reduce__(self) -> tuple:
+        return _ViaRoot, (None, None)
+
+
+def _member(root: torch.nn.Module, index: int) -> torch.nn.Module:
+    """Model ``index`` of a loaded group, with the hooks the loader put on the group (the write guard's)."""
+    model = root[index]
+    if not getattr(model, "_rzc_via_root", False):  # (a pipeline takes each member once; a reload is a new root)
+        for hook in root._forward_pre_hooks.values():
+            model.register_forward_pre_hook(_ViaRoot(root, hook))
+        for hook_id, hook in root._forward_hooks.items():
+            model.register_forward_hook(_ViaRoot(root, hook), always_call=hook_id in root._forward_hooks_always_called)
+        model.__dict__.update({k: v for k, v in vars(root).items() if k.startswith("_rzc")})
+        model._rzc_via_root = True
+    return model
 
 
 def _load(
@@ -292,10 +386,30 @@ def _cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     return out
 
 
+def _found_model_names(pipeline: object) -> list[str]:
+    """The model attributes of a pipeline, found as the original ray_zerocopy finds them (``dir()``, so
+    ``__slots__`` and class attributes count), and every one in its ``__dict__``, private ones too; properties are
+    skipped (they compute or alias a value, and cannot be set to None in the skeleton)."""
+    if isinstance(pipeline, torch.nn.Module):
+        return [k for k, v in pipeline._modules.items() if isinstance(v, torch.nn.Module)]
+    names = list(getattr(pipeline, "__dict__", {}))
+    names += [k for k in dir(pipeline) if not k.startswith("_") and k not in names]
+    found = []
+    for name in names:
+        if isinstance(getattr(type(pipeline), name, None), property):
+            continue
+        try:
+            value = getattr(pipeline, name)
+        except Exception:  # an attribute that raises (e.g. an empty slot) holds no model
+            continue
+        if isinstance(value, torch.nn.Module):
+            found.append(name)
+    return found
+
+
 def _model_attr_names(pipeline: object, names: Sequence[str] | None) -> list[str]:
     if names is None:
-        attrs = pipeline._modules if isinstance(pipeline, torch.nn.Module) else vars(pipeline)
-        names = [k for k, v in attrs.items() if isinstance(v, torch.nn.Module)]
+        names = _found_model_names(pipeline)
     else:
         for name in names:
             value = getattr(pipeline, name, None)
@@ -334,28 +448,52 @@ def rewrite_pipeline_for_actors(
 
     Returns:
         ``(skeleton, model_refs)``: a shallow copy of the pipeline with those attributes set to
-        ``None``, and ``{attribute name: ModelRef}``. A model held under two names is stored once.
+        ``None``, and ``{attribute name: ModelRef}``. A model held under two names is stored once;
+        models that share a submodule (or tensors) are prepared together, so the shared weights are
+        stored once and stay shared after :func:`load_pipeline_in_actor`.
 
     Raises:
         NoModelsError: the pipeline holds no model.
         NotAModuleError: a named attribute is not a model.
+        BackendArgumentError: ``backend`` is not a backend name (e.g. the original's positional ``device``).
 
     Example:
         >>> skeleton, refs = rewrite_pipeline_for_actors(pipe)  # doctest: +SKIP
         >>> pipe = load_pipeline_in_actor(skeleton, refs, device="cuda")  # doctest: +SKIP
     """
+    _check_backend_arg(backend, "rewrite_pipeline_for_actors", 3, "device")
     names = _model_attr_names(pipeline, model_attr_names)
-    by_id: dict[int, ModelRef] = {}
-    refs = {}
-    for name in names:
-        model = getattr(pipeline, name)
-        if id(model) not in by_id:
-            by_id[id(model)] = prepare_model_for_actors(model, backend=backend)
-        refs[name] = by_id[id(model)]
+    models = {id(m): m for m in (getattr(pipeline, name) for name in names)}  # a model held twice: once
+    if _share_parts(list(models.values())):
+        by_id = dict(zip(models, _prepare_together(list(models.values()), backend)))
+    else:
+        by_id = {key: prepare_model_for_actors(m, backend=backend) for key, m in models.items()}
+    refs = {name: by_id[id(getattr(pipeline, name))] for name in names}
     skeleton = _shallow_copy(pipeline)
     for name in names:
         _set_attr(skeleton, name, None)
     return skeleton, refs
+
+
+def _share_parts(models: list[torch.nn.Module]) -> bool:
+    """True if two of the models hold the same submodule, or tensors over the same bytes."""
+    owner: dict[tuple, int] = {}
+    for i, model in enumerate(models):
+        keys = {("module", id(m)) for m in model.modules()}
+        keys |= {("bytes", t.device, t.untyped_storage().data_ptr())
+                 for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta" and t.nbytes}
+        for key in keys:
+            if owner.setdefault(key, i) != i:
+                return True
+    return False
+
+
+def _prepare_together(models: list[torch.nn.Module], backend: str) -> list[ModelRef]:
+    """Prepare models that share parts as one ``ModuleList``: the shared weights are stored once, and
+    an actor loads them as one object (the submodule every model holds is one module again). Each
+    model gets a ModelRef of the whole group naming its index (loading one alone loads the group)."""
+    group = prepare_model_for_actors(torch.nn.ModuleList(models), backend=backend)
+    return [dataclasses.replace(group, member=i) for i in range(len(models))]
 
 
 def load_pipeline_in_actor(
@@ -382,18 +520,21 @@ def load_pipeline_in_actor(
     Example:
         >>> pipe = load_pipeline_in_actor(skeleton, refs)  # doctest: +SKIP
     """
+    if backend is not None:
+        _check_backend_arg(backend, "load_pipeline_in_actor", 4, "use_fast_load", optional=True)
     if isinstance(skeleton, ray.ObjectRef):
         skeleton = ray.get(skeleton)
     if isinstance(model_refs, ray.ObjectRef):
         model_refs = ray.get(model_refs)
     pipeline = _shallow_copy(skeleton)
-    loaded: dict[int, torch.nn.Module] = {}
+    loaded: dict[str, torch.nn.Module] = {}  # by ModelRef.uid: models prepared together load together
     for name, ref in model_refs.items():
         ref = _as_model_ref(ref)
-        if id(ref) not in loaded:
-            loaded[id(ref)] = load_model_in_actor(
-                ref, device=device, backend=backend, use_fast_load=use_fast_load, private_copy=private_copy,
-                dtype=dtype, share_gpu=share_gpu,
+        if ref.uid not in loaded:
+            loaded[ref.uid] = load_model_in_actor(
+                dataclasses.replace(ref, member=None), device=device, backend=backend, use_fast_load=use_fast_load,
+                private_copy=private_copy, dtype=dtype, share_gpu=share_gpu,
             )
-        _set_attr(pipeline, name, loaded[id(ref)])
+        model = loaded[ref.uid]
+        _set_attr(pipeline, name, model if ref.member is None else _member(model, ref.member))
     return pipeline

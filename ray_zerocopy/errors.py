@@ -151,10 +151,14 @@ class SharedWeightWriteError(RayZeroCopyError, RuntimeError):
 
 
 class WeightsLostError(RayZeroCopyError, RuntimeError):
-    """The shared weights are gone from the cluster (their owner died, or the object was lost or evicted)."""
+    """The shared weights are gone from the cluster (their owner died, or the object was lost or evicted),
+    or cannot be found from here (a ModelRef pickled outside Ray: ``object_ref`` names the ObjectRef)."""
 
-    def __init__(self, cause: BaseException) -> None:
-        self.cause = cause
+    def __init__(self, cause: BaseException, object_ref: object = None) -> None:
+        self.cause, self.object_ref = cause, object_ref
+        if object_ref is not None:
+            Exception.__init__(self, _untracked_message(object_ref))
+            return
         super().__init__(
             f"the model's weights are no longer in Ray's object store ({type(cause).__name__}: "
             f"{str(cause).splitlines()[0] if str(cause) else ''}). Their owner (the process that called "
@@ -240,3 +244,35 @@ class ShimAttributeError(RayZeroCopyError, AttributeError):
     def __init__(self, attribute: str, model_type: str, problem: str, fix: str) -> None:
         self.attribute, self.model_type, self.problem, self.fix = attribute, model_type, problem, fix
         super().__init__(f"{model_type}.{attribute} read through a rewrite_pipeline shim: {problem}. Fix: {fix}")
+
+
+def _untracked_message(object_ref: object) -> str:
+    return (
+        f"the model's weights cannot be found: {object_ref!r} has no owner known to this process, so Ray "
+        "does not track it and ray.get would wait forever, whether the weights still exist or were freed. "
+        "The ModelRef was serialized outside Ray (the standard pickle module), and a ModelRef loaded "
+        "that way does not keep its weights alive. Fix: pass the ModelRef itself to actors and tasks (as an "
+        "argument, in fn_constructor_kwargs, or through ray.put), and keep the ModelRef from "
+        "prepare_model_for_actors alive in the driver while actors load it."
+    )
+
+
+class BackendArgumentError(RayZeroCopyError, TypeError):
+    """``backend=`` is not a backend name: usually an argument of the original ray_zerocopy passed by position."""
+
+    def __init__(self, value: object, function: str, position: int, original: str | None = None,
+                 optional: bool = False) -> None:
+        self.value, self.function, self.position, self.original = value, function, position, original
+        kind = "a device name" if isinstance(value, str) else f"of type {type(value).__qualname__}"
+        was = f"; in the original ray_zerocopy it was `{original}`" if original else ""
+        fix = {
+            None: "pass a backend name, by keyword: backend='object_store'",
+            "device": "pass the device to load_pipeline_in_actor(..., device=...) in the actor (a pipeline is "
+                      "prepared on no device), and backend= only by keyword",
+        }.get(original, f"pass {original}= (and device=) by keyword, e.g. {function}(..., device='cpu', "
+                        f"{original}=True)")
+        super().__init__(
+            f"{function}(): backend={value!r} is {kind}, expected a backend name (a str such as 'object_store'; "
+            f"`python -m ray_zerocopy backends` lists them){' or None' if optional else ''}. Positional argument "
+            f"{position} of {function} is `backend`{was}. Fix: {fix}."
+        )

@@ -99,18 +99,19 @@ def keep(model_ref: Any) -> str:
         model_ref: a :class:`~ray_zerocopy.actor.ModelRef` being pickled outside Ray's serialization.
 
     Returns:
-        Its uid, which is pickled in its place (:func:`restore` turns it back into the ModelRef).
+        Its key (its uid, and its index in a group), which is pickled in its place (:func:`restore` turns it back into the ModelRef).
     """
+    key = model_ref.uid if model_ref.member is None else f"{model_ref.uid}.{model_ref.member}"  # (one per model of a group)
     with _lock:
-        if model_ref.uid not in _kept:
-            keeper = _Keeper.options(name=keeper_name(model_ref.uid), namespace=NAMESPACE, lifetime="detached",
+        if key not in _kept:
+            keeper = _Keeper.options(name=keeper_name(key), namespace=NAMESPACE, lifetime="detached",
                                      get_if_exists=True).remote(model_ref)
             actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
             ray.get(keeper.pin.remote(1, actor_id))
-            _kept[model_ref.uid] = keeper
+            _kept[key] = keeper
             if actor_id is None:  # (an actor stops counting when it dies: its finalizer may never run)
-                weakref.finalize(model_ref, _unpin, model_ref.uid)
-    return model_ref.uid
+                weakref.finalize(model_ref, _unpin, key)
+    return key
 
 
 def _unpin(uid: str) -> None:

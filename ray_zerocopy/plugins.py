@@ -4,13 +4,19 @@ Built-in backends are registered exactly like third-party ones (through the
 ``register_backends`` hook); they are simply not declared as entry points, so a
 source checkout works and nothing registers twice. Loading is lazy and happens once
 per process; set ``RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points.
+
+A third-party plugin that fails (its entry point does not import, or its hook raises) is
+skipped with one :class:`PluginLoadWarning` naming it; the built-in backends and the other
+plugins keep working, and ``python -m ray_zerocopy backends`` lists it as broken.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +45,26 @@ class BackendInfo:
     distribution: str  # "name version", or "built-in" / "not installed" when no distribution declares it
 
 
-_lock = threading.Lock()
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A third-party plugin that was skipped because it failed to load or to register its backends."""
+
+    plugin: str  # the entry point's name (or the registered plugin's name)
+    distribution: str  # "name version" of the distribution declaring it, or "not installed"
+    target: str  # what the entry point points at ("module:attr")
+    error: str  # "ExceptionType: message"
+
+
+class PluginLoadWarning(RuntimeWarning):
+    """A third-party ray_zerocopy plugin failed and was skipped (the built-in backends still work)."""
+
+
+_lock = threading.RLock()  # (re-entrant: a broken hook is recorded while backend_infos holds it)
 _pm: pluggy.PluginManager | None = None
 _backends: dict[str, BackendInfo] | None = None
 _instances: dict[str, Backend] = {}
+_entry_points: dict[int, tuple[str, str]] = {}  # id(plugin) -> (its distribution "name version", entry point value)
+_broken: dict[str, BrokenPlugin] = {}
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -55,9 +77,47 @@ def plugin_manager() -> pluggy.PluginManager:
             for module_name in BUILTIN_PLUGINS:
                 pm.register(importlib.import_module(module_name), name=module_name)
             if not os.environ.get(DISABLE_AUTOLOAD_ENV):
-                pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+                _load_entry_points(pm)
             _pm = pm
         return _pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every ``ray_zerocopy`` entry point, one by one: one that fails is skipped and reported
+    (pluggy's ``load_setuptools_entrypoints`` stops at the first failure, taking the built-ins with it)."""
+    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        dist = f"{ep.dist.metadata['Name']} {ep.dist.version}" if ep.dist is not None else "not installed"
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            _skip(BrokenPlugin(ep.name, dist, ep.value, f"{type(exc).__name__}: {exc}"))
+            continue
+        _entry_points[id(plugin)] = (dist, ep.value)
+
+
+def _skip(broken: BrokenPlugin) -> None:
+    """Record a broken plugin and warn once (per process) naming it, its error and the env switch."""
+    with _lock:
+        if broken.plugin in _broken:
+            return
+        _broken[broken.plugin] = broken
+    where = f" (entry point {broken.plugin} = {broken.target})" if broken.target else ""
+    warnings.warn(
+        f"ray_zerocopy: skipping plugin {broken.plugin!r} of {broken.distribution}{where}: {broken.error}. "
+        "The built-in backends and other plugins still work. Fix: repair or uninstall that distribution, "
+        f"or set {DISABLE_AUTOLOAD_ENV}=1 to load no third-party plugin.",
+        PluginLoadWarning, stacklevel=3,
+    )
+
+
+def broken_plugins() -> list[BrokenPlugin]:
+    """The third-party plugins skipped in this process because they failed (see :class:`BrokenPlugin`)."""
+    plugin_manager()
+    backend_infos()  # a hook that raises is found here
+    return list(_broken.values())
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> None:
@@ -78,25 +138,44 @@ def backend_infos() -> dict[str, BackendInfo]:
     pm = plugin_manager()
     with _lock:
         if _backends is None:
-            dists = {id(p): f"{d.project_name} {d.version}" for p, d in pm.list_plugin_distinfo()}
             found: dict[str, BackendInfo] = {}
             for impl in pm.hook.register_backends.get_hookimpls():
                 builtin = impl.plugin_name in BUILTIN_PLUGINS
-                dist = "built-in" if builtin else dists.get(id(impl.plugin), "not installed")
-
-                def register(cls: type, _plugin: str = impl.plugin_name, _dist: str = dist) -> None:
-                    if not (isinstance(cls, type) and issubclass(cls, Backend)) or not getattr(cls, "name", None):
-                        raise TypeError(
-                            f"plugin {_plugin!r} registered {cls!r}: expected a ray_zerocopy.Backend subclass "
-                            "with a `name`. Fix: subclass ray_zerocopy.Backend and set name = '...'."
-                        )
-                    if cls.name in found:
-                        raise DuplicateBackendError(cls.name, found[cls.name].plugin, _plugin)
-                    found[cls.name] = BackendInfo(cls.name, cls, _plugin, _dist)
-
-                impl.function(register=register)
+                unknown = ("not installed", "")
+                dist, target = ("built-in", "") if builtin else _entry_points.get(id(impl.plugin), unknown)
+                try:
+                    new = _call_hook(impl, dist)
+                except DuplicateBackendError:
+                    raise
+                except Exception as exc:
+                    if id(impl.plugin) not in _entry_points:  # a built-in, or registered by hand: the caller's error
+                        raise
+                    _skip(BrokenPlugin(impl.plugin_name, dist, target, f"{type(exc).__name__}: {exc}"))
+                    continue
+                for info in new:
+                    if info.name in found:
+                        raise DuplicateBackendError(info.name, found[info.name].plugin, info.plugin)
+                    found[info.name] = info
             _backends = found
         return _backends
+
+
+def _call_hook(impl: pluggy.HookImpl, dist: str) -> list[BackendInfo]:
+    """What one plugin's ``register_backends`` registers (all or nothing: a hook that raises adds none)."""
+    new: list[BackendInfo] = []
+
+    def register(cls: type) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Backend)) or not getattr(cls, "name", None):
+            raise TypeError(
+                f"plugin {impl.plugin_name!r} registered {cls!r}: expected a ray_zerocopy.Backend subclass "
+                "with a `name`. Fix: subclass ray_zerocopy.Backend and set name = '...'."
+            )
+        if any(info.name == cls.name for info in new):
+            raise DuplicateBackendError(cls.name, impl.plugin_name, impl.plugin_name)
+        new.append(BackendInfo(cls.name, cls, impl.plugin_name, dist))
+
+    impl.function(register=register)
+    return new
 
 
 def backend_names() -> list[str]:
