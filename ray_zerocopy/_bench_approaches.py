@@ -245,10 +245,10 @@ def _prepare_from_pretrained_put(model: torch.nn.Module, workdir: str) -> Prepar
     return Prepared(ref, [ref])
 
 
-def _load_ours(handle: Any, spec: ModelSpec, device: str) -> torch.nn.Module:
+def _load_ours(handle: Any, spec: ModelSpec, device: str, share_gpu: bool = False) -> torch.nn.Module:
     from ray_zerocopy import load_model_in_actor
 
-    return load_model_in_actor(handle, device=None if device == "cpu" else device)
+    return load_model_in_actor(handle, device=None if device == "cpu" else device, share_gpu=share_gpu)
 
 
 def _prepare_ray_put(model: torch.nn.Module, workdir: str) -> Prepared:

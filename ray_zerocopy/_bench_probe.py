@@ -140,7 +140,7 @@ class BenchActor:
     itself, not Python imports or CUDA start-up.
     """
 
-    def __init__(self, spec: ModelSpec, device: str) -> None:
+    def __init__(self, spec: ModelSpec, device: str, share_gpu: bool = False) -> None:
         torch.set_num_threads(1)  # the same in every actor: outputs are compared bit for bit
         # zero-copy views of read-only memory make torch warn once per process; not what is measured
         warnings.filterwarnings("ignore", message=r"The given (NumPy array|buffer) is not writable")
@@ -151,7 +151,7 @@ class BenchActor:
         build_model(spec, meta=True)  # imports the transformers model module
         if device.startswith("cuda"):  # CUDA context creation (~0.3 s) is not loading: every approach pays it
             torch.zeros(1, device=device).sum().item()
-        self.spec, self.device = spec, device
+        self.spec, self.device, self.share_gpu = spec, device, share_gpu
         self.ids = sample_input(spec)
         self.model: torch.nn.Module | None = None
         self.out: torch.Tensor | None = None
@@ -163,9 +163,10 @@ class BenchActor:
         return {"pid": os.getpid(), "native_flag": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "")}
 
     def _load(self, approach: str, handle: Any) -> float:
-        load = get_approach(approach).load
+        chosen = get_approach(approach)
+        extra = {"share_gpu": True} if self.share_gpu and chosen.kind == "ours" else {}
         t0 = time.perf_counter()
-        model = load(handle, self.spec, self.device)
+        model = chosen.load(handle, self.spec, self.device, **extra)
         _sync(self.device)
         dt = time.perf_counter() - t0
         self.model = model
@@ -174,6 +175,13 @@ class BenchActor:
     def load(self, approach: str, wrapped: list[Any]) -> float:
         """Seconds to load (``wrapped[0]`` is the handle; a list keeps Ray from resolving its refs)."""
         return self._load(approach, wrapped[0])
+
+    def device_used(self) -> tuple[str, int] | None:
+        """(this actor's GPU UUID, bytes in use on that GPU by every process), or None on the CPU."""
+        if not self.device.startswith("cuda"):
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return str(torch.cuda.get_device_properties(self.device).uuid), total - free
 
     def run_and_measure(self, files_marker: str | None) -> dict[str, Any]:
         """Run the loaded model once, then the memory it added to this process (see :func:`process_memory`)."""

@@ -33,6 +33,12 @@ def summarize(result: dict[str, Any], model_bytes: int, device: str) -> None:
     if device != "cpu" and result.get("warm_median_s"):
         result["h2d_gbps"] = model_bytes / result["warm_median_s"] / 1e9
         result["h2d_cold_gbps"] = model_bytes / result["cold_median_s"] / 1e9
+    if "device_added_bytes" in result:
+        result["device_x_model"] = result["device_added_bytes"] / model_bytes
+    if result.get("cold_together_s"):  # every actor of the round loaded at once: what they moved together
+        result["together_cold_gbps"] = result["cold_together_actors"] * model_bytes / result["cold_together_s"] / 1e9
+    if result.get("warm_together_s"):
+        result["together_warm_gbps"] = result["warm_together_loads"] * model_bytes / result["warm_together_s"] / 1e9
 
 
 def _ms(seconds: float | None) -> str:
@@ -42,35 +48,46 @@ def _ms(seconds: float | None) -> str:
     return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
-def _row(r: dict[str, Any], device: str) -> list[str]:
+def _row(r: dict[str, Any], device: str, together: bool) -> list[str]:
     if not r.get("ok") and r.get("warm_median_s") is None:
         err = (r.get("error") or "failed").replace("\n", " ")
-        return [r["name"], *["-"] * (8 if device != "cpu" else 7), "FAILED: " + err[:110]]
+        return [r["name"], *["-"] * (7 + (device != "cpu") + 2 * together), "FAILED: " + err[:110]]
     cells = [
         r["name"],
         f"{r['prepare_s']:.2f}" if r.get("prepare_s") is not None else "-",
         f"{_ms(r.get('cold_median_s'))} [{_ms(r.get('cold_min_s'))}-{_ms(r.get('cold_max_s'))}]",
         f"{_ms(r.get('warm_median_s'))} [{_ms(r.get('warm_p10_s'))}-{_ms(r.get('warm_p90_s'))}]",
-        f"{r['node_x_model']:.2f}" if "node_x_model" in r else "-",
+        _memory_cell(r, device),
         f"{r['actor_uss_median_bytes'] / MB:.1f}" if "actor_uss_median_bytes" in r else "-",
         f"{r['driver_peak_private_bytes'] / MB:.0f}" if "driver_peak_private_bytes" in r else "-",
         f"{r['max_abs_diff']:.3g}" if r.get("max_abs_diff") is not None else "-",
     ]
     if device != "cpu":
         cells.append(f"{r['h2d_cold_gbps']:.1f}/{r['h2d_gbps']:.1f}" if "h2d_gbps" in r else "-")
+    if together:
+        cells += [f"{r['together_cold_gbps']:.1f}/{r.get('together_warm_gbps', 0):.1f}" if "together_cold_gbps" in r
+                  else "-", _ms(r.get("cold_together_s"))]
     cells.append("ok" if r.get("ok") else "FAILED: " + (r.get("error") or "")[:110])
     return cells
+
+
+def _memory_cell(r: dict[str, Any], device: str) -> str:
+    key = "node_x_model" if device == "cpu" else "device_x_model"
+    return f"{r[key]:.2f}" if key in r else "-"
 
 
 def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The human-readable table (what the benchmark prints at the end)."""
     device = meta["device"]
-    head = ["approach", "prepare s", "cold ms [min-max]", "warm ms [p10-p90]", "node mem x",
-            "USS/actor MB", "drv peak MB", "max|diff|"]
+    head = ["approach", "prepare s", "cold ms [min-max]", "warm ms [p10-p90]",
+            "node mem x" if device == "cpu" else "dev mem x", "USS/actor MB", "drv peak MB", "max|diff|"]
     if device != "cpu":
         head.append("H2D GB/s cold/warm")
+    together = bool(meta.get("together"))
+    if together:
+        head += ["all GB/s cold/warm", "last ready ms"]
     head.append("status")
-    rows = [head, *(_row(r, device) for r in results)]
+    rows = [head, *(_row(r, device, together) for r in results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -82,7 +99,8 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"{meta['cpus']} cores, load avg before {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
     )
     notes = [
-        f"cold: first load in each of {meta['actors'] * meta['cold_rounds']} fresh actor processes (one at a time); "
+        f"cold: first load in each of {meta['actors'] * meta['cold_rounds']} fresh actor processes "
+        f"({'all of a round at once' if meta.get('together') else 'one at a time'}); "
         f"warm: later loads in {meta['actors']} of them.",
         "  Each load gets what a user of that approach holds: ours the ModelRef (small; Ray Data's",
         "  fn_constructor_kwargs deliver it as is), ray_put/ray_native/classic an ObjectRef, disk loaders a path.",
@@ -92,8 +110,13 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "USS/actor: private bytes an actor added; drv peak: driver's private peak during prepare;",
         "max|diff|: output vs the original weights, both computed in the same actor.",
     ]
+    if together:
+        notes += ["together: every actor's load started at once; all GB/s: model bytes x actors / time from the",
+                  "  start until the last was ready (last ready ms), first loads (cold) and later ones (warm)."]
     if device != "cpu":
-        notes += ["H2D GB/s: model bytes / median load time (call to ready model, synchronized); each actor",
+        notes += ["dev mem x: device memory the actors' models added on their GPUs (all processes: a share_gpu",
+                  "  holder and its CUDA context included) / model bytes; USS/actor is host memory, CUDA contexts excluded.",
+                  "H2D GB/s: model bytes / median load time (call to ready model, synchronized); each actor",
                   "  creates its CUDA context before its cold load. Pinned-memory peak host-to-device in this run: "
                   f"{meta.get('pinned_peak_gbps') or 0:.2f} GB/s"]
     return "\n".join([title, "", *lines, "", *notes])

@@ -332,6 +332,10 @@ def _load(
     if backend is not None and backend != ref.backend:
         raise BackendMismatchError(backend, ref.backend)
     dev = resolve_device(device)
+    if dev.type == "cuda" and not (share_gpu and not private_copy):
+        from ray_zerocopy._cuda import warm_ring
+
+        warm_ring(dev)  # pins the staging ring while the payload is fetched and read
     chosen = get_backend(ref.backend)
     if chosen.format_version != ref.format_version:
         raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)

@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-repeats", type=int, default=20,
                    help=f"warm loads per actor for approaches whose loads take under {FAST_S * 1e3:.0f} ms "
                         "(default 20)")
+    p.add_argument("--together", action="store_true",
+                   help="start every actor's load at the same moment (cold and warm), as a pool does at start-up; "
+                        "adds the aggregate GB/s and the time until the last actor is ready")
+    p.add_argument("--share-gpu", action="store_true",
+                   help="with --device cuda: our transports load with share_gpu=True (actors on one GPU map one copy)")
     p.add_argument("--checkpoint", action="store_true",
                    help="also prepare ours from a checkpoint folder (the model saved with save_pretrained, sharded): "
                         "adds rzc-ckpt:<backend> per backend, and from_pretrained_put (from_pretrained + ray.put)")
@@ -148,6 +153,8 @@ def parse_options(argv: list[str]) -> Options:
                          f"{args.actors}, {args.repeats}, {args.cold_rounds} and {args.fast_repeats}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.share_gpu and args.device == "cpu":
+        raise ValueError("--share-gpu needs --device cuda (CPU weights are shared host memory anyway)")
     spec = make_spec(args.model, args.dtype, args.layers, args.hidden)
     return Options(args, spec, _select(args), args.actors, args.device, args.repeats, args.fast_repeats,
                    args.cold_rounds)
@@ -188,9 +195,18 @@ def _measure_actors(
         infos = ray.get([a.info.remote() for a in actors])
         if name == NATIVE and any(i["native_flag"] != "1" for i in infos):
             raise RuntimeError(f"{NATIVE_ENV} is not set in the actors ({infos}): the measurement would be plain ray.put")
-        progress(f"  {name}: cold loads in {opts.actors} fresh actors")
-        res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors] + cold  # one at a time
+        progress(f"  {name}: cold loads in {opts.actors} fresh actors" + (", together" if opts.args.together else ""))
+        device_before = _device_used(actors)
+        if opts.args.together:  # all at once, as an actor pool starts
+            t0 = time.perf_counter()
+            res["cold_s"] = ray.get([a.load.remote(name, wrapped) for a in actors]) + cold
+            res["cold_together_s"], res["cold_together_actors"] = time.perf_counter() - t0, len(actors)
+        else:
+            res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors] + cold  # one at a time
         mem = ray.get([a.run_and_measure.remote(files_marker) for a in actors])
+        if device_before:  # device memory the N loaded models added, every GPU they use counted once
+            after = _device_used(actors)
+            res["device_added_bytes"] = sum(after[g] - device_before[g] for g in after)
         files = {path: size for m in mem for path, size in m["files"].items()}
         res["mapped_file_bytes"] = sum(files.values())  # page cache the actors' weights live in, once
         res["actor_pss_added_bytes"] = [m["pss"] for m in mem]
@@ -199,8 +215,13 @@ def _measure_actors(
         res["max_abs_diff"] = ray.get(actors[0].check.remote(ctx.reference))
         progress(f"  {name}: {opts.repeats} warm loads in each actor "
                  f"({opts.fast_repeats} if under {FAST_S * 1e3:.0f} ms)")
-        res["warm_s"] = [t for a in actors
-                         for t in ray.get(a.warm.remote(name, wrapped, opts.repeats, opts.fast_repeats))]
+        if opts.args.together:
+            t0 = time.perf_counter()
+            per_actor = ray.get([a.warm.remote(name, wrapped, opts.repeats, opts.fast_repeats) for a in actors])
+            res["warm_together_s"], res["warm_together_loads"] = time.perf_counter() - t0, sum(map(len, per_actor))
+        else:
+            per_actor = [ray.get(a.warm.remote(name, wrapped, opts.repeats, opts.fast_repeats)) for a in actors]
+        res["warm_s"] = [t for times in per_actor for t in times]
     finally:
         for a in actors:
             ray.kill(a)
@@ -208,7 +229,12 @@ def _measure_actors(
 
 def _fresh_actors(opts: Options, ctx: Context) -> list[Any]:
     actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
-    return [actor_cls.remote(opts.spec, opts.device) for _ in range(opts.actors)]
+    return [actor_cls.remote(opts.spec, opts.device, opts.args.share_gpu) for _ in range(opts.actors)]
+
+
+def _device_used(actors: list[Any]) -> dict[str, int]:
+    """Bytes in use on each GPU the actors use, by GPU UUID (empty on the CPU)."""
+    return dict(found for found in ray.get([a.device_used.remote() for a in actors]) if found)
 
 
 def _extra_cold_loads(name: str, opts: Options, ctx: Context, wrapped: list[Any]) -> list[float]:
@@ -313,6 +339,7 @@ def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]
         "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
         "actors": opts.actors, "device": opts.device, "repeats": opts.repeats,
         "fast_repeats": opts.fast_repeats, "fast_s": FAST_S, "cold_rounds": opts.cold_rounds,
+        "together": opts.args.together, "share_gpu": opts.args.share_gpu,
         "cpus": psutil.cpu_count(),
         "load_avg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
@@ -361,7 +388,7 @@ def _pinned_peak(opts: Options, ctx: Context) -> float:
     if not gpus:
         raise ValueError(f"--device {opts.device}: Ray sees no GPU on this machine; use --device cpu")
     ctx.num_gpus = min(1.0, gpus / opts.actors)
-    actor = BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device)
+    actor = BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device, False)
     try:
         return ray.get(actor.pinned_peak.remote(min(ctx.model_bytes, 2**30)))
     finally:
