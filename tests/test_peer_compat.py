@@ -106,15 +106,21 @@ def load_timed(blob: bytes) -> tuple[str, str, float]:
         return type(exc).__name__, str(exc), time.monotonic() - start
 
 
-def test_plainly_pickled_model_ref_fails_fast_instead_of_hanging(ray_local):
+def test_plainly_pickled_model_ref_loads_then_fails_fast_instead_of_hanging(ray_local):
+    """A ModelRef pickled with the standard pickle module travels by name (keeper.py): it loads while
+    the driver holds the ModelRef, and once the driver dropped it a load fails fast, never hangs."""
     ref = prepare_model_for_actors(torch.nn.Linear(64, 64))
-    blob = pickle.dumps(ref)  # plain pickle: Ray does not track the ObjectRefs in it
+    blob = pickle.dumps(ref)
     kind, msg, took = ray.get(load_timed.remote(blob), timeout=60)  # while the weights still exist
-    assert (kind, took < 5) == ("WeightsLostError", True), msg
-    assert "the standard pickle module" in msg and "pass the ModelRef itself" in msg
+    assert kind == "loaded", msg
     del ref
     gc.collect()
-    kind, msg, took = ray.get(load_timed.remote(blob), timeout=60)  # after they were freed
+    deadline = time.monotonic() + 30  # the keeper lets go within its grace period and poll interval
+    while True:
+        kind, msg, took = ray.get(load_timed.remote(blob), timeout=60)  # after the driver dropped it
+        if kind != "loaded" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert (kind, took < 5) == ("WeightsLostError", True), msg
 
 
