@@ -69,7 +69,7 @@ def pack(weights: Mapping[str, torch.Tensor], index: tuple[IndexEntry, ...], nby
 def segments(weights: Mapping[str, torch.Tensor], index: tuple[IndexEntry, ...]) -> Iterator[np.ndarray]:
     """The bytes of :func:`pack`'s buffer in order, as views of the tensors and zeroed padding: the
     object store receives them without the driver assembling the buffer (``put_joined``)."""
-    for name, _, _, offset, size in index:
+    for name, _, _, _, size in index:
         yield tensor_to_bytes(weights[name])
         yield np.zeros(-size % ALIGN, dtype=np.uint8)
 

@@ -3,8 +3,9 @@
 The blob is byte-for-byte what ``safetensors.torch.save`` writes for the same tensors, so
 any safetensors reader can read it; it travels as one uint8 numpy array (out of band,
 zero-copy). The driver never assembles the blob: it is written into the object store from the
-header and views of the tensors (``put_joined``), with no copy of the weights in the driver. The actor parses and validates the header itself and
-slices views out of the shared buffer; for a GPU the whole blob is copied in one go.
+header and views of the tensors (``put_joined``), with no copy of the weights in the driver. The
+actor parses and validates the header itself and slices views out of the shared buffer; for a GPU
+the whole blob is copied in one go.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ray_zerocopy import (
     hookimpl,
     put_joined,
     quiet_readonly,
-    tensors_in_buffer,
     tensor_to_bytes,
+    tensors_in_buffer,
 )
 
 # safetensors dtype names that torch shares, in the order of the format's Dtype enum: writers
@@ -209,7 +210,8 @@ class SafetensorsBackend(Backend):
         data_start, entries = parse_blob(blob)
         with quiet_readonly():
             if device.type == "cpu":
-                return tensors_in_buffer(blob, [(name, dtype, shape, data_start + begin) for name, dtype, shape, begin, _ in entries])
+                entries_at = [(name, dtype, shape, data_start + begin) for name, dtype, shape, begin, _ in entries]
+                return tensors_in_buffer(blob, entries_at)
             base = torch.from_numpy(blob)
         return views(buffer_to_device(base, device), data_start, entries)
 

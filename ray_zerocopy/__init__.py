@@ -6,6 +6,7 @@ has nothing left to import); third-party plugins (entry points) are discovered o
 
 from __future__ import annotations
 
+from ray_zerocopy._stream import put_joined
 from ray_zerocopy.backend import (
     Backend,
     Payload,
@@ -22,7 +23,6 @@ from ray_zerocopy.backend import (
     tensors_in_buffer,
     to_device,
 )
-from ray_zerocopy._stream import put_joined
 from ray_zerocopy.errors import (
     BackendArgumentError,
     BackendMismatchError,
@@ -102,5 +102,5 @@ from ray_zerocopy.actor import (  # noqa: E402
     prepare_model_for_actors,
     rewrite_pipeline_for_actors,
 )
-from ray_zerocopy.invoke import rewrite_pipeline  # noqa: E402
 from ray_zerocopy.backends import object_store, packed, safetensors_blob  # noqa: E402, F401
+from ray_zerocopy.invoke import rewrite_pipeline  # noqa: E402

@@ -162,7 +162,8 @@ class WeightsLostError(RayZeroCopyError, RuntimeError):
         super().__init__(
             f"the model's weights are no longer in Ray's object store ({type(cause).__name__}: "
             f"{str(cause).splitlines()[0] if str(cause) else ''}). Their owner (the process that called "
-            "prepare_model_for_actors, or with node= the owner actor it started there) died, or the object was lost with its node or evicted; Ray cannot rebuild "
+            "prepare_model_for_actors, or with node= the owner actor it started there) died, or the object "
+            "was lost with its node or evicted; Ray cannot rebuild "
             "a ray.put object, and restarted actors do not keep their constructor arguments alive (ray issue "
             "53727). Fix: keep the process that prepared the model, and the ModelRef, alive for as long as actors "
             "may (re)load it (prepare it in the driver, not in a task or actor that exits), then prepare it again "

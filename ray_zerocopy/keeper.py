@@ -99,7 +99,8 @@ def keep(model_ref: Any) -> str:
         model_ref: a :class:`~ray_zerocopy.actor.ModelRef` being pickled outside Ray's serialization.
 
     Returns:
-        Its key (its uid, and its index in a group), which is pickled in its place (:func:`restore` turns it back into the ModelRef).
+        Its key (its uid, and its index in a group), which is pickled in its place (:func:`restore`
+        turns it back into the ModelRef).
     """
     key = model_ref.uid if model_ref.member is None else f"{model_ref.uid}.{model_ref.member}"  # (one per model of a group)
     with _lock:

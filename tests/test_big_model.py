@@ -10,9 +10,9 @@ import psutil
 import pytest
 import ray
 import torch
+from conftest import start_local_ray
 from torch import nn
 
-from conftest import start_local_ray
 from ray_zerocopy import load_model_in_actor, prepare_model_for_actors
 from ray_zerocopy.testing import tensors_outside_shared_memory
 

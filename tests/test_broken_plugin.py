@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAKE_BACKEND
 
 HERE = Path(__file__).parent

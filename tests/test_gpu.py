@@ -14,8 +14,13 @@ import pytest
 import ray
 import torch
 
-from ray_zerocopy import load_model_in_actor, load_pipeline_in_actor, prepare_model_for_actors, quiet_readonly
-from ray_zerocopy import rewrite_pipeline_for_actors
+from ray_zerocopy import (
+    load_model_in_actor,
+    load_pipeline_in_actor,
+    prepare_model_for_actors,
+    quiet_readonly,
+    rewrite_pipeline_for_actors,
+)
 from ray_zerocopy.errors import DeviceError, LoadDtypeError
 from ray_zerocopy.testing import unique_tensors, zoo_input, zoo_model
 

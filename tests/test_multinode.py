@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import ray
 import torch
+from conftest import start_local_ray
 from ray.cluster_utils import Cluster
 from torch import nn
 
-from conftest import start_local_ray
 from ray_zerocopy import load_model_in_actor, prepare_model_for_actors
 from ray_zerocopy.plugins import get_backend
 from ray_zerocopy.testing import tensors_outside_shared_memory
@@ -100,7 +100,7 @@ def test_one_copy_per_node_and_correct_outputs(cluster, backend):
         torch.testing.assert_close(r["out"], model(x).detach())
         if backend != "fake_per_tensor":  # that one inlines small tensors (zero_copy=False)
             assert r["outside"] == [], r["where"]
-    for name, count in zip(NODES, ACTORS_PER_NODE):
+    for name in NODES:
         on_node = results[sum(ACTORS_PER_NODE[: NODES.index(name)]): sum(ACTORS_PER_NODE[: NODES.index(name) + 1])]
         node_ids[name] = {r["node"] for r in on_node}
         assert len(node_ids[name]) == 1 and len({r["where"] for r in on_node}) == 1  # same bytes in every actor

@@ -10,12 +10,12 @@ import time
 import pytest
 import ray
 import torch
+from conftest import start_local_ray
 from ray.cluster_utils import Cluster
 from safetensors.torch import save_file
-
-from conftest import start_local_ray
-from ray_zerocopy import PrepareNodeError, WeightsLostError, load_model_in_actor, prepare_model_for_actors
 from test_multinode import _bytes_per_node
+
+from ray_zerocopy import PrepareNodeError, WeightsLostError, load_model_in_actor, prepare_model_for_actors
 
 pytestmark = pytest.mark.multinode
 MB = 1024**2

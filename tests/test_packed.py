@@ -24,7 +24,7 @@ def test_layout_aligns_every_tensor_and_never_overlaps():
     index, nbytes = packed.layout(weights)
     assert [e[0] for e in index] == list(weights)
     ends = 0
-    for name, dtype, shape, offset, size in index:
+    for name, _, shape, offset, size in index:
         assert offset % packed.ALIGN == 0 and offset >= ends, name
         assert size == weights[name].nbytes and tuple(shape) == tuple(weights[name].shape)
         ends = offset + size

@@ -9,8 +9,9 @@ local disk for one node, shared storage (NFS, Lustre, ...) for several. Set
 
 Files are removed when the driver process that wrote them exits; an actor that already
 mapped one keeps working, and a later load fails as it would for weights in the object store
-(the payload holds a tiny object of the writing process, fetched on every load). Like Ray's object store the mapping is writable, so an
-in-place write would reach every actor: ray_zerocopy's guards apply unchanged.
+(the payload holds a tiny object of the writing process, fetched on every load). Like Ray's object
+store the mapping is shared and writable; ray_zerocopy re-maps the views copy-on-write (through the
+file's path) as it does Ray's, so an in-place write stays in the actor that made it.
 
 Install it (``pip install .``) where the driver and the actors run, then
 ``prepare_model_for_actors(model, backend="safetensors_file")``.
