@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import os
 import uuid
 import weakref
@@ -18,7 +17,6 @@ from typing import Any, Mapping, Sequence
 
 import ray
 import torch
-from ray import cloudpickle
 
 from ray_zerocopy import keeper
 from ray_zerocopy._log import warn_once
@@ -152,17 +150,32 @@ def prepare_model_for_actors(
 
 
 def _object_refs(payload: Payload) -> tuple[ray.ObjectRef, ...]:
-    """Every ObjectRef a backend's payload holds, wherever it keeps them (found once, in the driver)."""
+    """Every ObjectRef a backend's payload holds, in its attributes, dicts, lists and tuples (found once,
+    in the driver). Never by pickling it: Ray pins for good every ObjectRef pickled outside its own
+    serialization, so the weights would never be freed."""
     found: list[ray.ObjectRef] = []
-
-    class Finder(cloudpickle.Pickler):
-        def reducer_override(self, obj: object) -> object:
-            if isinstance(obj, ray.ObjectRef):
-                found.append(obj)
-            return super().reducer_override(obj)
-
-    Finder(io.BytesIO()).dump(payload)
+    todo, seen = [payload], set()
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, ray.ObjectRef):
+            found.append(obj)
+        elif id(obj) not in seen and not isinstance(obj, (str, bytes, int, float, torch.Tensor)):
+            seen.add(id(obj))
+            if isinstance(obj, dict):
+                todo += obj.values()
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                todo += obj
+            elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+                todo += [getattr(obj, k) for k in _attr_names(obj)]
     return tuple(found)
+
+
+def _attr_names(obj: object) -> list[str]:
+    names = list(getattr(obj, "__dict__", {}))
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else [n for n in slots if hasattr(obj, n)]
+    return [n for n in names if not n.startswith("__")]
 
 
 def _check_tracked(refs: Sequence[ray.ObjectRef]) -> None:

@@ -133,3 +133,18 @@ def test_model_ref_passed_through_ray_still_loads(ref):
 
     assert ray.get(load.remote(ref)) == "Linear"
     assert ray.get(load.remote(ray.put(ref))) == "Linear"
+
+
+@pytest.mark.parametrize("builtin", ["object_store", "packed", "safetensors"])
+def test_weights_leave_the_store_when_the_model_ref_goes(ray_local, builtin):
+    """Preparing must not pin the weights for the driver's life (Ray pins an ObjectRef for good once it
+    is pickled outside its own serialization): dropping the last ModelRef frees them."""
+    from test_serve import store_used, wait_for_store
+
+    base = store_used()
+    ref = prepare_model_for_actors(torch.nn.Linear(2048, 2048), backend=builtin)
+    assert store_used() >= base + 16 * 2**20
+    load_model_in_actor(ref)
+    del ref
+    gc.collect()
+    assert wait_for_store(base + 2**20, timeout_s=20) <= base + 2**20
