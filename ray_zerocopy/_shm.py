@@ -170,6 +170,10 @@ def private_buffer(lo: int, nbytes: int, keep: object, marker: str = STORE_MARKE
             raise OSError(errno.EACCES, f"no path here opens the file behind {vma.path!r} (is /proc restricted?)")
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            st = os.fstat(fd)  # (a descriptor number the raylet closed and reused since it was looked up)
+            if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) != vma.file[:3]:
+                _paths.pop(vma.file[:3], None)
+                raise OSError(errno.ESTALE, f"{path} no longer opens the file behind {vma.path!r}")
             buf = _PrivateMap(fd, skip + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                               offset=start - skip)
         finally:
