@@ -46,9 +46,11 @@ class PackedPayload:
 
 
 def layout(weights: Mapping[str, torch.Tensor]) -> tuple[tuple[IndexEntry, ...], int]:
-    """Where each tensor goes in the buffer (in the given order), and the buffer's total size."""
+    """Where each tensor goes in the buffer, and the buffer's total size: tensors of 16 KiB or more in the
+    given order, then the smaller ones (``put_joined`` copies those into a few pieces, and an object of
+    fewer pieces is faster to ``ray.get``)."""
     index, offset = [], 0
-    for name, t in weights.items():
+    for name, t in sorted(weights.items(), key=lambda item: item[1].nbytes < 16 * 1024):
         index.append((name, dtype_name(t.dtype), tuple(t.shape), offset, t.nbytes))
         offset += -(-t.nbytes // ALIGN) * ALIGN
     return tuple(index), offset

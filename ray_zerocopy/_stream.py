@@ -10,7 +10,7 @@ out-of-band buffer at the next multiple of 64 bytes (8 below 2048 bytes), so pie
 are multiples of 64 land back to back: in the object they *are* the one buffer, and
 :func:`_join` hands it back as one read-only uint8 array over the object's memory, no copy.
 The only bytes copied in the driver are the small glue pieces (a header, the odd bytes between
-64-byte boundaries, padding): at most 64 bytes per tensor, plus tensors smaller than that.
+64-byte boundaries, padding, tensors under 16 KiB): at most 64 bytes per large tensor, and 64 MiB in all.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import numpy as np
 import ray
 
 ALIGN = 64  # Ray aligns out-of-band buffers of 2048 bytes or more to 64 bytes (and smaller ones to 8)
+SMALL = 16 * 1024  # segments below this are copied into glue pieces: each piece costs a load's ray.get ~1 us
+GLUE_BUDGET = 64 * 1024**2  # at most this many bytes copied that way per object (the driver's extra memory)
 
 
 def pieces(segments: Iterable[np.ndarray]) -> list[np.ndarray]:
     """Cut a stream of 1-D uint8 segments into pieces whose lengths are multiples of 64 (the last
-    excepted), each a view of one segment where possible, so Ray stores them back to back.
+    excepted), so Ray stores them back to back: each large segment a view of itself, neighbouring
+    small ones (under ``SMALL``, up to ``GLUE_BUDGET`` in all) copied together into one piece.
 
     Args:
         segments: the buffer's bytes in order (views of tensors, of file pages, small headers).
@@ -36,12 +39,14 @@ def pieces(segments: Iterable[np.ndarray]) -> list[np.ndarray]:
     """
     out: list[np.ndarray] = []
     glue: list[np.ndarray] = []  # bytes that wait for a 64-byte boundary (copied into one small piece)
-    held = 0  # bytes in glue
+    held = copied = 0  # bytes in glue; bytes glued so far
     for seg in segments:
-        if len(seg) < ALIGN - held or (held and len(seg) < 2 * ALIGN):
+        small = len(seg) < SMALL and copied + len(seg) <= GLUE_BUDGET
+        if small or len(seg) < ALIGN - held or (held and len(seg) < 2 * ALIGN):
             glue.append(seg)
             held += len(seg)
-            if held % ALIGN == 0 and held:
+            copied += len(seg)
+            if held % ALIGN == 0 and held >= SMALL:
                 out.append(np.concatenate(glue))
                 glue, held = [], 0
             continue

@@ -25,7 +25,7 @@ from ray_zerocopy import (
     prepare_model_for_actors,
     put_joined,
 )
-from ray_zerocopy._stream import _Span
+from ray_zerocopy._stream import GLUE_BUDGET, SMALL, _Span, pieces
 from ray_zerocopy.hf import build_skeleton, prepare_pretrained
 
 CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -182,7 +182,8 @@ def test_progress_shows_and_is_silenced(ray_local, llama_dir, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("sizes", [[0], [1], [3, 61, 64, 65], [2047, 2048, 2049], [100, 5000, 7, 70001, 1],
-                                   [64] * 40, [5] * 100 + [4096]])
+                                   [64] * 40, [5] * 100 + [4096], [16383, 16384, 16385, 3, 100000],
+                                   [3072] * 300 + [1 << 20] + [3072] * 3])
 def test_put_joined_is_one_zero_copy_buffer(ray_local, sizes):
     rng = np.random.default_rng(len(sizes))
     segments = [rng.integers(0, 256, size=n, dtype=np.uint8) for n in sizes]
@@ -190,6 +191,18 @@ def test_put_joined_is_one_zero_copy_buffer(ray_local, sizes):
     assert np.array_equal(got, np.concatenate(segments))
     if got.nbytes:
         assert isinstance(got.base, _Span) and not got.flags.writeable  # a view of the object, no copy
+
+
+def test_pieces_glue_small_segments_and_keep_large_ones_as_views():
+    """Small tensors are copied into a few glue pieces (each piece costs a load's ray.get); large ones
+    travel as views of themselves; the copies stay under the glue budget."""
+    small = [np.full(3072, i % 256, np.uint8) for i in range(300)]
+    large = np.arange(1 << 20, dtype=np.uint64).view(np.uint8)[: (1 << 20) + 5]
+    parts = pieces([*small, large, *small[:3]])
+    assert np.array_equal(np.concatenate(parts), np.concatenate([*small, large, *small[:3]]))
+    assert len(parts) <= 60 and any(np.shares_memory(p, large) and len(p) > (1 << 20) - 128 for p in parts)
+    many = pieces([np.zeros(SMALL - 64, np.uint8) for _ in range(GLUE_BUDGET // (SMALL - 64) + 10)])
+    assert sum(p.base is not None for p in many) >= 9  # past the budget: views again, not copies
 
 
 def test_safetensors_object_is_byte_identical_to_save(ray_local, llama_dir):
