@@ -16,7 +16,7 @@ from typing import Mapping
 import ray
 import torch
 
-from ray_zerocopy import (
+from ray_zerocopy.backend import (
     Backend,
     array_offsets,
     arrays_to_device,

@@ -36,7 +36,7 @@ class SplitModel:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> the model's tensor
 
 
-def _view_key(t: torch.Tensor) -> tuple:
+def view_key(t: torch.Tensor) -> tuple:
     """Two tensors with the same key read the same bytes the same way: store them once."""
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
@@ -94,7 +94,7 @@ def _check_module(name: str, module: torch.nn.Module) -> None:
     raise UnsupportedModelError(name, problem, fix)
 
 
-def _named_tensors(model: torch.nn.Module):
+def named_tensors(model: torch.nn.Module):
     """Every parameter and buffer (persistent or not) under every name it is reachable by."""
     for name, t in model.named_parameters(remove_duplicate=False):
         yield name, t, True
@@ -143,7 +143,7 @@ class _Splitter:
 
     def add(self, name: str, t: torch.Tensor, is_param: bool) -> int:
         """Store ``t`` under ``name`` unless its bytes are stored already; its persistent id."""
-        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # meta tensors share one null address
+        key = ("meta", id(t)) if t.is_meta else view_key(t)  # meta tensors share one null address
         first = self.canonical.setdefault(key, name)
         if first == name:
             data = self.originals[name] = t.detach()
@@ -183,7 +183,7 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
     split = _Splitter()
     for module_name, module in model.named_modules():
         _check_module(module_name, module)
-    for name, t, is_param in _named_tensors(model):
+    for name, t, is_param in named_tensors(model):
         _check_tensor(name, t, allow_meta)
         split.add(name, t, is_param)
     for name, t in _plain_tensors(model):
@@ -334,3 +334,14 @@ def rebuild_model(
     # every module was pickled in eval mode (see split_model): a root in train mode means a
     # __setstate__ of its own changed that; walking all modules per load would cost more than eval()
     return model.eval() if model.training else model
+
+
+def cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``dtype=`` on load: convert floating-point tensors where they now are (on the GPU after the raw copy)."""
+    out = {}
+    for name, t in tensors.items():
+        new = t.to(dtype) if t.is_floating_point() else t
+        if new.device.type != "cpu" and new.untyped_storage().nbytes() > new.nbytes:
+            new = new.clone()  # a view of a transport's raw device buffer would keep all of it alive
+        out[name] = new
+    return out

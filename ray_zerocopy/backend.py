@@ -1,8 +1,11 @@
-"""The transport interface and the small byte-level helpers every transport shares.
+"""The backend SDK: the transport interface and the small byte-level helpers every transport shares.
 
 A backend moves the bytes of a model's unique weights from the driver into Ray's
 object store (``put``) and back out inside an actor (``get``). It knows nothing of
 modules, tied names or skeletons: those travel in the ModelRef, outside the backend.
+
+A backend module (built-in or third-party) needs this module, ``ray_zerocopy.errors`` for
+``PayloadError`` / ``UnsupportedModelError``, and ``hookimpl`` (re-exported here from ``hookspecs``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from ray_zerocopy._shm import PrivateViews, private_buffer
+from ray_zerocopy._shm import STORE_MARKER, PrivateViews, private_buffer
+from ray_zerocopy._stream import ALIGN, put_joined
+from ray_zerocopy.hookspecs import hookimpl
+
+__all__ = [
+    "ALIGN", "STORE_MARKER", "Backend", "Payload", "array_offsets", "arrays_to_device", "buffer_to_device",
+    "dtype_from_name", "dtype_name", "hookimpl", "put_joined", "quiet_readonly", "spec_of", "tensor_from_bytes",
+    "tensor_to_bytes", "tensors_in_arrays", "tensors_in_buffer", "to_device",
+]
 
 Payload = Any  # whatever a backend's put() returns: small, picklable, holds the ObjectRefs
 
@@ -47,7 +58,7 @@ class Backend:
     name: ClassVar[str]
     format_version: ClassVar[int] = 1
     zero_copy: ClassVar[bool] = True
-    shared_memory_marker: ClassVar[str] = "plasma"
+    shared_memory_marker: ClassVar[str] = STORE_MARKER
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> Payload:
         """Driver side: store unique, contiguous CPU tensors; return a small picklable payload."""
@@ -101,7 +112,7 @@ def tensor_from_bytes(buf: Any, dtype: str | torch.dtype, shape: tuple[int, ...]
 
 
 def tensors_in_buffer(
-    buf: np.ndarray, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]], marker: str = "plasma"
+    buf: np.ndarray, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]], marker: str = STORE_MARKER
 ) -> dict[str, torch.Tensor]:
     """Contiguous tensors ``(name, dtype, shape, byte offset)`` over one uint8 numpy buffer. No copy.
 
@@ -114,7 +125,7 @@ def tensors_in_buffer(
 
 def tensors_in_arrays(
     arrays: Mapping[str, Any], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
-    marker: str = "plasma", offsets: dict[str, int] | None = None,
+    marker: str = STORE_MARKER, offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`tensor_from_bytes` of ``arrays[name]`` (a uint8 numpy array or a buffer) with ``specs[name]``
     (dtype, shape) for every name, copy-on-write (as :func:`tensors_in_buffer`) where the arrays lie in
@@ -180,7 +191,7 @@ def _span(
         return 0, 0, {}
     top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
     nbytes = offsets[top] + arrays[top].nbytes
-    if not trusted and nbytes > sum(arrays[k].nbytes + 64 for k in offsets):
+    if not trusted and nbytes > sum(arrays[k].nbytes + ALIGN for k in offsets):
         return None
     return origin(top), nbytes, offsets
 
@@ -193,10 +204,10 @@ def _one_by_one(arrays: Mapping[str, Any], specs: Mapping[str, tuple], marker: s
 
 
 def array_offsets(arrays: Mapping[str, Any]) -> dict[str, int]:
-    """Byte offset of each array (or buffer) from the 64-byte boundary at or below the lowest one. For the arrays
-    of one Ray object they are the same in every process that gets it (the object's bytes are)."""
+    """Byte offset of each array (or buffer) from the ``ALIGN`` (64-byte) boundary at or below the lowest one. For
+    the arrays of one Ray object they are the same in every process that gets it (the object's bytes are)."""
     addrs = {k: _address(a) for k, a in arrays.items()}
-    lo = min(addrs.values(), default=0) // 64 * 64
+    lo = min(addrs.values(), default=0) // ALIGN * ALIGN
     return {k: a - lo for k, a in addrs.items()}
 
 

@@ -31,6 +31,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ray_zerocopy._tensors import cast_floating
+
 NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
@@ -67,10 +69,8 @@ class _Holder:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _fetch(self) -> dict[str, torch.Tensor]:
-        from ray_zerocopy.actor import _cast_floating
-
         tensors = self.backend.get(self.ref.payload, torch.device("cuda", 0))
-        return _cast_floating(tensors, self.dtype) if self.dtype is not None else tensors
+        return cast_floating(tensors, self.dtype) if self.dtype is not None else tensors
 
     def attach(self, pid: int) -> tuple[list[tuple], dict[str, tuple]]:
         """Count one more model of process ``pid`` as a user; the IPC handles and the tensor layout."""

@@ -3,7 +3,7 @@
 Ray pins every ObjectRef that is pickled outside its own serialization (``cloudpickle.dumps``,
 which Ray Serve applies to a deployment's ``.bind(...)`` arguments) for the rest of the life of
 the process that pickled it: the weights would stay in the object store after ``serve.shutdown()``
-or a redeploy, for as long as the driver runs. So a :class:`~ray_zerocopy.actor.ModelRef` pickled
+or a redeploy, for as long as the driver runs. So a :class:`~ray_zerocopy.model_ref.ModelRef` pickled
 that way is pickled as its uid (no ObjectRef), and a small keeper actor per model holds the real
 ModelRef. Unpickling it (a replica's constructor arguments) asks the keeper for the ModelRef (an
 ordinary Ray borrow: the keeper returns it) and the keeper counts the calling actor as a user.
@@ -96,7 +96,7 @@ def keep(model_ref: Any) -> str:
     """Hand ``model_ref`` to its keeper (started once per model) and pin it until ``model_ref`` is collected here.
 
     Args:
-        model_ref: a :class:`~ray_zerocopy.actor.ModelRef` being pickled outside Ray's serialization.
+        model_ref: a :class:`~ray_zerocopy.model_ref.ModelRef` being pickled outside Ray's serialization.
 
     Returns:
         Its key (its uid, and its index in a group), which is pickled in its place (:func:`restore`
