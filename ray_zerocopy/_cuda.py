@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ray_zerocopy import _procmaps
 from ray_zerocopy._log import warn_once
 
 ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | staged | register | hybrid | plain
@@ -191,12 +192,10 @@ _cudart: _Cudart | None = None
 
 
 def _loaded_library(stem: str) -> str | None:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            path = line.rsplit(maxsplit=1)[-1]
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(stem) and ".so" in name:  # libcudart.so.13, or a wheel's libcudart-<hash>.so.12
-                return path
+    for m in _procmaps.read():
+        name = m.path.rsplit("/", 1)[-1]
+        if name.startswith(stem) and ".so" in name:  # libcudart.so.13, or a wheel's libcudart-<hash>.so.12
+            return m.path
     return None
 
 

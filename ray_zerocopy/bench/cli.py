@@ -34,7 +34,8 @@ import psutil
 import ray
 import torch
 
-from ray_zerocopy._bench_approaches import (
+from ray_zerocopy._shm import STORE_MARKER
+from ray_zerocopy.bench.approaches import (
     CHECKPOINT,
     CKPT_PREFIX,
     NATIVE,
@@ -49,8 +50,8 @@ from ray_zerocopy._bench_approaches import (
     make_spec,
     unique_tensors,
 )
-from ray_zerocopy._bench_probe import FAST_S, BenchActor, DriverPeak, object_bytes
-from ray_zerocopy._bench_report import draw_png, format_table, summarize, write_json
+from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, object_bytes
+from ray_zerocopy.bench.report import draw_png, format_table, summarize, write_json
 
 NATIVE_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 _T0 = time.perf_counter()
@@ -259,7 +260,7 @@ def _files_marker(name: str, adir: str) -> str | None:
         from ray_zerocopy.plugins import get_backend
 
         marker = get_backend(name[len(OURS_PREFIX):]).shared_memory_marker
-        return None if marker == "plasma" else marker
+        return None if marker == STORE_MARKER else marker
     return adir
 
 
@@ -331,7 +332,7 @@ def _child_main(opts: Options) -> int:
     return 0
 
 
-def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _meta(opts: Options, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
     import transformers
 
     return {
@@ -352,7 +353,7 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     progress(f"building {opts.spec.name} ({opts.spec.dtype})")
     model = build_model(opts.spec)
     unique = unique_tensors(model)[0]
-    meta = _meta(opts, model, unique)
+    meta = _meta(opts, unique)
     del unique
     progress(f"model: {meta['model_bytes'] / 1e6:.1f} MB in {meta['tensors']} unique tensors; "
              f"approaches: {', '.join(opts.approaches)}")
