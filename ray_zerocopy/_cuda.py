@@ -304,7 +304,7 @@ def _warm(device: torch.device, nbuf: int, chunk_bytes: int) -> None:
         with _kept_lock:
             _warming.clear()
             keep = ring is not None and not _kept_ring
-            if keep:
+            if keep and ring is not None:  # (the second test for the type checker)
                 _kept_ring.append(ring)
         if ring is not None and not keep:
             _get_cudart().unregister(ring.data_ptr())

@@ -160,7 +160,7 @@ def arrays_to_device(
             return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}, device)
     origin, nbytes, offsets = span
     raw = (ctypes.c_char * max(nbytes, 1)).from_address(origin)
-    raw.keep = arrays  # (the object stays pinned while its buffers live)
+    raw.keep = arrays  # type: ignore[attr-defined]  # (ctypes arrays take attributes; the object stays pinned while its buffers live)
     with quiet_readonly():
         base = buffer_to_device(torch.frombuffer(raw, dtype=torch.uint8)[:nbytes], device)
     out = {}
@@ -181,7 +181,7 @@ def _span(
     """``(address, nbytes, offsets)`` of the span the non-empty arrays lie in, trusting ``offsets`` where its
     first and last entries match the arrays; None where the arrays are not one compact span."""
     def origin(k: str) -> int:  # where the offsets count from, according to array k
-        return _address(arrays[k]) - offsets[k]
+        return _address(arrays[k]) - offsets[k]  # type: ignore[index]  # (called only while offsets is a dict)
 
     if offsets and origin(next(iter(offsets))) != origin(next(reversed(offsets))):
         offsets = None  # another layout than this object's

@@ -7,7 +7,7 @@ still works for callers that do not know this library.
 from __future__ import annotations
 
 
-def _rebuild(cls: type, message: str, state: dict) -> RayZeroCopyError:
+def _rebuild(cls: type[RayZeroCopyError], message: str, state: dict) -> RayZeroCopyError:
     err = cls.__new__(cls)
     Exception.__init__(err, message)
     err.__dict__.update(state)

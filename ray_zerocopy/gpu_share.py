@@ -52,7 +52,7 @@ class _Holder:
         from ray_zerocopy.plugins import get_backend
 
         self.backend, self.ref, self.dtype = get_backend(model_ref.backend), model_ref, dtype
-        self.tensors = self._fetch()
+        self.tensors: dict[str, torch.Tensor] | None = self._fetch()  # None once freed (no users left)
         torch.cuda.synchronize()
         storages: dict[int, int] = {}
         self.shared: list[tuple] = []  # one IPC handle per device storage
@@ -91,6 +91,7 @@ class _Holder:
     def restore(self) -> None:
         """Put back the stored weights after a user wrote into them (copied again from the object store)."""
         fresh = self._fetch()
+        assert self.tensors is not None  # (a restore comes from a user: the memory is freed only when none is left)
         for name, t in self.tensors.items():
             t.copy_(fresh[name])
         torch.cuda.synchronize()
@@ -128,7 +129,7 @@ def _alive(pid: int) -> bool:
 def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> Any:
     name = f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}"
     node = ray.get_runtime_context().get_node_id()
-    return _Holder.options(
+    return _Holder.options(  # type: ignore[attr-defined]  # (ray.remote made it an ActorClass)
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
     ).remote(uuid, model_ref, dtype)

@@ -43,7 +43,8 @@ class _Keeper:
     """Holds one ModelRef while a pinning process or a user actor needs it, then exits."""
 
     def __init__(self, model_ref: Any) -> None:
-        self.ref, self.pins, self.users = model_ref, 0, set()
+        self.ref, self.pins = model_ref, 0
+        self.users: set[str] = set()  # actor IDs
         self.lock = threading.Lock()
         self.started = time.monotonic()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -105,8 +106,9 @@ def keep(model_ref: Any) -> str:
     key = model_ref.uid if model_ref.member is None else f"{model_ref.uid}.{model_ref.member}"  # (one per model of a group)
     with _lock:
         if key not in _kept:
-            keeper = _Keeper.options(name=keeper_name(key), namespace=NAMESPACE, lifetime="detached",
-                                     get_if_exists=True).remote(model_ref)
+            keeper = _Keeper.options(  # type: ignore[attr-defined]  # (ray.remote made it an ActorClass)
+                name=keeper_name(key), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            ).remote(model_ref)
             actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
             ray.get(keeper.pin.remote(1, actor_id))
             _kept[key] = keeper

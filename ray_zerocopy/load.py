@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray
 import torch
@@ -157,14 +157,14 @@ class _ViaRoot:
 
 def member_of(root: torch.nn.Module, index: int) -> torch.nn.Module:
     """Model ``index`` of a loaded group, with the hooks the loader put on the group (the write guard's)."""
-    model = root[index]  # (a ModuleList: see pipeline.prepare_together)
+    model = cast(torch.nn.ModuleList, root)[index]  # (see pipeline.prepare_together)
     if not getattr(model, "_rzc_via_root", False):  # (a pipeline takes each member once; a reload is a new root)
         for hook in root._forward_pre_hooks.values():
             model.register_forward_pre_hook(_ViaRoot(root, hook))
         for hook_id, hook in root._forward_hooks.items():
             model.register_forward_hook(_ViaRoot(root, hook), always_call=hook_id in root._forward_hooks_always_called)
         model.__dict__.update({k: v for k, v in vars(root).items() if k.startswith("_rzc")})
-        model._rzc_via_root = True
+        model._rzc_via_root = True  # type: ignore[assignment]  # (torch types Module attributes as Tensor | Module)
     return model
 
 

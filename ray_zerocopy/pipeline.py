@@ -121,7 +121,7 @@ def share_parts(models: list[torch.nn.Module]) -> bool:
     """True if two of the models hold the same submodule, or tensors over the same bytes."""
     owner: dict[tuple, int] = {}
     for i, model in enumerate(models):
-        keys = {("module", id(m)) for m in model.modules()}
+        keys: set[tuple] = {("module", id(m)) for m in model.modules()}
         keys |= {("bytes", t.device, t.untyped_storage().data_ptr())
                  for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta" and t.nbytes}
         for key in keys:
@@ -166,12 +166,11 @@ def load_pipeline_in_actor(
     options.check("load_pipeline_in_actor", 4)
     if isinstance(skeleton, ray.ObjectRef):
         skeleton = ray.get(skeleton)
-    if isinstance(model_refs, ray.ObjectRef):
-        model_refs = ray.get(model_refs)
+    refs: Mapping[str, ModelRef] = ray.get(model_refs) if isinstance(model_refs, ray.ObjectRef) else model_refs
     pipeline = shallow_copy(skeleton)
     loaded: dict[str, torch.nn.Module] = {}  # by ModelRef.uid: models prepared together load together
-    for name, ref in model_refs.items():
-        ref = as_model_ref(ref)
+    for name, given in refs.items():
+        ref = as_model_ref(given)
         if ref.uid not in loaded:
             loaded[ref.uid] = load_model(dataclasses.replace(ref, member=None), options)
         model = loaded[ref.uid]

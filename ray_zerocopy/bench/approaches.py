@@ -11,10 +11,11 @@ loaders, and state-dict files read from disk in each actor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import ray
 import torch
@@ -76,7 +77,7 @@ def make_spec(preset: str, dtype: str, layers: int | None = None, hidden: int | 
     return ModelSpec(name, family, config, dtype)
 
 
-def _model_class(spec: ModelSpec) -> tuple[type[torch.nn.Module], Any]:
+def _model_class(spec: ModelSpec) -> tuple[Any, Any]:  # (a transformers model class, its config)
     if spec.family == "bert":
         from transformers import BertConfig, BertModel
 
@@ -96,13 +97,12 @@ def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
         with torch.device("meta"):
             model = cls(config)
     else:
+        no_init: Callable[[], contextlib.AbstractContextManager[Any]]
         try:
-            from transformers.initialization import no_init_weights
+            from transformers.initialization import no_init_weights as no_init
         except ImportError:  # older transformers: pay for its init, then overwrite it
-            import contextlib
-
-            no_init_weights = contextlib.nullcontext
-        with no_init_weights():
+            no_init = contextlib.nullcontext
+        with no_init():
             model = cls(config)
         model.tie_weights()
         gen = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
 def assign_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
     """Put ``tensors`` into a (meta) skeleton by dotted name; tensors viewing the same bytes become
     one object again, so tied weights stay tied. Raises ``KeyError`` naming a missing tensor."""
-    made: dict[tuple, torch.Tensor] = {}
+    made: dict[tuple, Any] = {}  # tie key -> the Parameter or buffer put in the model
     named = [(n, True) for n, _ in model.named_parameters(remove_duplicate=False)]
     named += [(n, False) for n, _ in model.named_buffers(remove_duplicate=False)]
     for name, is_param in named:
@@ -224,7 +224,8 @@ def _prepare_ours_checkpoint(backend: str) -> Callable[[torch.nn.Module, str], P
 
 def _prepare_from_pretrained_put(model: torch.nn.Module, workdir: str) -> Prepared:
     """What users do without us: from_pretrained in the driver, then ray.put of the model."""
-    loaded = type(model).from_pretrained(CHECKPOINT["path"], dtype=next(model.parameters()).dtype).eval()
+    loaded = cast(Any, type(model)).from_pretrained(  # (a transformers model)
+        CHECKPOINT["path"], dtype=next(model.parameters()).dtype).eval()
     ref = ray.put(loaded)
     return Prepared(ref, [ref])
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import ray
@@ -43,6 +43,7 @@ from ray_zerocopy.bench.approaches import (
     OURS_PREFIX,
     PRESETS,
     ModelSpec,
+    Prepared,
     all_tensors,
     build_model,
     get_approach,
@@ -228,8 +229,11 @@ def _measure_actors(
             ray.kill(a)
 
 
+_BenchActor: Any = BenchActor  # (ray.remote made it an ActorClass: .options, .remote)
+
+
 def _fresh_actors(opts: Options, ctx: Context) -> list[Any]:
-    actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
+    actor_cls = _BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else _BenchActor
     return [actor_cls.remote(opts.spec, opts.device, opts.args.share_gpu) for _ in range(opts.actors)]
 
 
@@ -273,6 +277,7 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
         progress(f"  {name}: {res['error']}")
         return res
     adir = tempfile.mkdtemp(prefix=name.replace(":", "_") + "-", dir=ctx.workdir)
+    prepared: Prepared | None = None
     try:
         with DriverPeak() as peak:
             t0 = time.perf_counter()
@@ -364,7 +369,7 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         torch.save(all_tensors(model), ctx.reference)
         if opts.args.checkpoint:
             CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")
-            model.save_pretrained(CHECKPOINT["path"], max_shard_size=max(meta["model_bytes"] // 3, 2**20))
+            cast(Any, model).save_pretrained(CHECKPOINT["path"], max_shard_size=max(meta["model_bytes"] // 3, 2**20))
             progress(f"saved the checkpoint folder ({len(os.listdir(CHECKPOINT['path']))} files)")
         if NATIVE in opts.approaches:  # before our own Ray starts: one cluster at a time
             results[NATIVE] = _run_native(opts, ctx)
@@ -389,7 +394,7 @@ def _pinned_peak(opts: Options, ctx: Context) -> float:
     if not gpus:
         raise ValueError(f"--device {opts.device}: Ray sees no GPU on this machine; use --device cpu")
     ctx.num_gpus = min(1.0, gpus / opts.actors)
-    actor = BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device, False)
+    actor = _BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device, False)
     try:
         return ray.get(actor.pinned_peak.remote(min(ctx.model_bytes, 2**30)))
     finally:

@@ -53,7 +53,7 @@ def process_memory(files_marker: str | None = None) -> dict[str, Any]:
             else:  # a mapping header ("7f..-7f.. rw-s 0000 00:1b 46  /dev/shm/plasmaX (deleted)")
                 in_store = STORE_MARKER in line
                 path = mapping.path  # (anonymous mappings have none)
-                in_files = bool(files_marker) and files_marker in path and not in_store
+                in_files = bool(files_marker and files_marker in path) and not in_store
                 if in_files:
                     path = path.removesuffix(" (deleted)")
                     files[path] = os.path.getsize(path) if os.path.exists(path) else 0
@@ -185,6 +185,7 @@ class BenchActor:
 
     def run_and_measure(self, files_marker: str | None) -> dict[str, Any]:
         """Run the loaded model once, then the memory it added to this process (see :func:`process_memory`)."""
+        assert self.model is not None, "load first"
         self.out = run_model(self.model, self.ids)
         gc.collect()
         now = process_memory(files_marker)
@@ -195,6 +196,7 @@ class BenchActor:
         reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
         expected = run_model(reference, self.ids)
         del reference
+        assert self.out is not None, "run_and_measure first"
         return float((self.out - expected).abs().max())
 
     def warm(self, approach: str, wrapped: list[Any], repeats: int, fast_repeats: int = 0) -> list[float]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ def _check_tensors(name: str, payload: object, device: str) -> list[str]:
     return problems
 
 
-def _check_model(name: str, model_name: str, ref: object, device: str) -> list[str]:
+def _check_model(name: str, model_name: str, ref: Any, device: str) -> list[str]:
     from ray_zerocopy.load import load_model_in_actor
     from ray_zerocopy.plugins import get_backend
 
@@ -137,7 +137,8 @@ def _kit_task(check: str, name: str, plugin: object | None, args: tuple, device:
         if check == "tensors":
             return _check_tensors(name, args[0], device)
         if check == "model":
-            return _check_model(name, *args, device)
+            model_name, ref = args
+            return _check_model(name, model_name, ref, device)
         return _check_bad(name, args[0])
 
 
@@ -209,7 +210,7 @@ def check_backend(
     return passed
 
 
-def _collect(jobs: list[tuple[str, object]], timeout_s: float) -> tuple[list[str], list[str]]:
+def _collect(jobs: Sequence[tuple[str, Any]], timeout_s: float) -> tuple[list[str], list[str]]:
     """Wait for every check task; a timeout, a dead worker or an error in the task is a failure."""
     import time
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -15,6 +15,10 @@ class HardCases(nn.Module):
     (int64 ``num_batches_tracked``), a non-persistent buffer, float32/float16/bfloat16/
     int64/bool tensors, a scalar and an empty tensor, and nested containers.
     """
+
+    positions: torch.Tensor  # (buffers, registered below)
+    mask: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, vocab: int = 1000, dim: int = 64) -> None:
         super().__init__()
@@ -32,9 +36,10 @@ class HardCases(nn.Module):
         self.register_buffer("scale", torch.tensor(0.5))  # 0-dim
         self.empty = nn.Parameter(torch.empty(0, dim))
         for block in self.blocks:  # non-trivial running stats, so buffers matter for the output
-            block[1].running_mean.uniform_(-1, 1)
-            block[1].running_var.uniform_(0.5, 2)
-            block[1].num_batches_tracked.fill_(7)
+            norm = cast(nn.Sequential, block)[1]
+            norm.get_buffer("running_mean").uniform_(-1, 1)
+            norm.get_buffer("running_var").uniform_(0.5, 2)
+            norm.get_buffer("num_batches_tracked").fill_(7)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids % self.positions.numel()).mean(1)
