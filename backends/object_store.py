@@ -16,7 +16,7 @@ from typing import Mapping
 import ray
 import torch
 
-from ray_zerocopy import (
+from ray_zerocopy.backend import (
     Backend,
     array_offsets,
     arrays_to_device,
@@ -49,7 +49,9 @@ class ObjectStoreBackend(Backend):
     name = "object_store"
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> ObjectStorePayload:
-        ref = ray.put(_Buffers({k: pickle.PickleBuffer(tensor_to_bytes(t)) for k, t in weights.items()}))
+        # (numpy's stubs give ndarray the buffer protocol's __buffer__ only for Python >= 3.12)
+        ref = ray.put(_Buffers({k: pickle.PickleBuffer(tensor_to_bytes(t))  # type: ignore[arg-type]
+                                for k, t in weights.items()}))
         # read once here, so that actors need not read every array's address (tensors_in_arrays);
         # not through Ray Client, where ray.get would download the whole object
         offsets = None if ray.util.client.ray.is_connected() else array_offsets(

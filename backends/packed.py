@@ -19,9 +19,9 @@ import numpy as np
 import ray
 import torch
 
-from ray_zerocopy import (
+from ray_zerocopy.backend import (
+    ALIGN,  # 64 bytes; a cache line, and what Ray guarantees for the buffer start
     Backend,
-    PayloadError,
     buffer_to_device,
     dtype_from_name,
     dtype_name,
@@ -31,8 +31,7 @@ from ray_zerocopy import (
     tensor_to_bytes,
     tensors_in_buffer,
 )
-
-ALIGN = 64  # bytes; a cache line, and what Ray guarantees for the buffer start
+from ray_zerocopy.errors import PayloadError
 
 # name, dtype name, shape, byte offset in the buffer, byte length
 IndexEntry = tuple[str, str, tuple[int, ...], int, int]

@@ -19,10 +19,8 @@ import numpy as np
 import ray
 import torch
 
-from ray_zerocopy import (
+from ray_zerocopy.backend import (
     Backend,
-    PayloadError,
-    UnsupportedModelError,
     buffer_to_device,
     hookimpl,
     put_joined,
@@ -30,6 +28,7 @@ from ray_zerocopy import (
     tensor_to_bytes,
     tensors_in_buffer,
 )
+from ray_zerocopy.errors import PayloadError, UnsupportedModelError
 
 # safetensors dtype names that torch shares, in the order of the format's Dtype enum: writers
 # sort tensors by this rank (widest first), then by name, which keeps every offset aligned.

@@ -6,7 +6,13 @@ has nothing left to import); third-party plugins (entry points) are discovered o
 
 from __future__ import annotations
 
-from ray_zerocopy._stream import put_joined
+from ray_zerocopy.actor import (
+    ModelRef,
+    load_model_in_actor,
+    load_pipeline_in_actor,
+    prepare_model_for_actors,
+    rewrite_pipeline_for_actors,
+)
 from ray_zerocopy.backend import (
     Backend,
     Payload,
@@ -15,6 +21,7 @@ from ray_zerocopy.backend import (
     buffer_to_device,
     dtype_from_name,
     dtype_name,
+    put_joined,
     quiet_readonly,
     spec_of,
     tensor_from_bytes,
@@ -45,6 +52,8 @@ from ray_zerocopy.errors import (
     WeightsLostError,
 )
 from ray_zerocopy.hookspecs import hookimpl, hookspec
+from ray_zerocopy.invoke import rewrite_pipeline
+from ray_zerocopy.plugins import import_builtins
 
 __version__ = "0.1.0"
 
@@ -94,13 +103,4 @@ __all__ = [
     "to_device",
 ]
 
-# Imported last: these modules import the names above (and backends import this package).
-from ray_zerocopy.actor import (  # noqa: E402
-    ModelRef,
-    load_model_in_actor,
-    load_pipeline_in_actor,
-    prepare_model_for_actors,
-    rewrite_pipeline_for_actors,
-)
-from ray_zerocopy.backends import object_store, packed, safetensors_blob  # noqa: E402, F401
-from ray_zerocopy.invoke import rewrite_pipeline  # noqa: E402
+import_builtins()  # (not lazily: a first load in a fresh actor then has nothing left to import)

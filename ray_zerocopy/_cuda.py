@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ray_zerocopy import _procmaps
 from ray_zerocopy._log import warn_once
 
 ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | staged | register | hybrid | plain
@@ -191,12 +192,10 @@ _cudart: _Cudart | None = None
 
 
 def _loaded_library(stem: str) -> str | None:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            path = line.rsplit(maxsplit=1)[-1]
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(stem) and ".so" in name:  # libcudart.so.13, or a wheel's libcudart-<hash>.so.12
-                return path
+    for m in _procmaps.read():
+        name = m.path.rsplit("/", 1)[-1]
+        if name.startswith(stem) and ".so" in name:  # libcudart.so.13, or a wheel's libcudart-<hash>.so.12
+            return m.path
     return None
 
 
@@ -305,7 +304,7 @@ def _warm(device: torch.device, nbuf: int, chunk_bytes: int) -> None:
         with _kept_lock:
             _warming.clear()
             keep = ring is not None and not _kept_ring
-            if keep:
+            if keep and ring is not None:  # (the second test for the type checker)
                 _kept_ring.append(ring)
         if ring is not None and not keep:
             _get_cudart().unregister(ring.data_ptr())

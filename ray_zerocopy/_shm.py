@@ -26,6 +26,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
+from ray_zerocopy import _procmaps
 from ray_zerocopy._log import warn_once
 
 STORE_MARKER = "plasma"  # in the /proc/self/maps path of Ray's object store (and of its fallback files)
@@ -72,15 +73,10 @@ def vma_of(addr: int, marker: str = STORE_MARKER) -> Vma | None:
                 return None
             _query[:] = [None]
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                span, perms, offset, dev, inode, rest = line.split(" ", 5)
-                lo, hi = (int(x, 16) for x in span.split("-"))
-                if lo <= addr < hi:
-                    path = rest.strip()
-                    major, minor = (int(x, 16) for x in dev.split(":"))
-                    target = perms[1] == "w" and perms[3] == "s" and marker in path
-                    return Vma(lo, hi, target, (major, minor, int(inode), int(offset, 16)), path)
+        for m in _procmaps.read():
+            if m.start <= addr < m.end:
+                target = m.shared_writable and marker in m.path
+                return Vma(m.start, m.end, target, (*m.dev, m.inode, m.offset), m.path)
     except OSError:  # no /proc: nothing is known to be shared
         pass
     return None

@@ -100,4 +100,4 @@ def start_owner(node: str) -> Any:
                                "pass one of those node IDs (ray.nodes()[i]['NodeID'], or "
                                "ray.get_runtime_context().get_node_id() in a task running there)")
     strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-    return WeightsOwner.options(scheduling_strategy=strategy).remote()
+    return WeightsOwner.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]  # (an ActorClass)

@@ -73,7 +73,8 @@ class _Joined:
         self.nbytes = nbytes
 
     def __reduce__(self) -> tuple:
-        return _join, (self.nbytes, *(pickle.PickleBuffer(p) for p in self.parts))
+        # (numpy's stubs give ndarray the buffer protocol's __buffer__ only for Python >= 3.12)
+        return _join, (self.nbytes, *(pickle.PickleBuffer(p) for p in self.parts))  # type: ignore[arg-type]
 
 
 def put_joined(segments: Iterable[np.ndarray], **put_kwargs: Any) -> ray.ObjectRef:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Iterator, Mapping, cast
 
 import torch
 from ray import cloudpickle
@@ -36,7 +36,7 @@ class SplitModel:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> the model's tensor
 
 
-def _view_key(t: torch.Tensor) -> tuple:
+def view_key(t: torch.Tensor) -> tuple:
     """Two tensors with the same key read the same bytes the same way: store them once."""
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
@@ -85,7 +85,7 @@ def _check_module(name: str, module: torch.nn.Module) -> None:
     elif torch.nn.utils.parametrize.is_parametrized(module):
         problem, fix = "is parametrized (torch.nn.utils.parametrize / parametrizations.weight_norm)", (
             "bake the parametrization in first: torch.nn.utils.parametrize.remove_parametrizations(module, "
-            f"{next(iter(module.parametrizations))!r}) (leave_parametrized=True is the default)")
+            f"{next(iter(cast(torch.nn.ModuleDict, module.parametrizations)))!r}) (leave_parametrized=True is the default)")
     elif kind.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
         problem, fix = f"is a quantized module ({type(module).__qualname__}) whose packed weights are not tensors", (
             "prepare the float model and quantize it in the actor after loading, or dequantize it")
@@ -94,12 +94,12 @@ def _check_module(name: str, module: torch.nn.Module) -> None:
     raise UnsupportedModelError(name, problem, fix)
 
 
-def _named_tensors(model: torch.nn.Module):
+def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """Every parameter and buffer (persistent or not) under every name it is reachable by."""
-    for name, t in model.named_parameters(remove_duplicate=False):
-        yield name, t, True
-    for name, t in model.named_buffers(remove_duplicate=False):
-        yield name, t, False
+    for name, p in model.named_parameters(remove_duplicate=False):
+        yield name, p, True
+    for name, b in model.named_buffers(remove_duplicate=False):
+        yield name, b, False
 
 
 def _plain_tensors(model: torch.nn.Module):
@@ -143,7 +143,7 @@ class _Splitter:
 
     def add(self, name: str, t: torch.Tensor, is_param: bool) -> int:
         """Store ``t`` under ``name`` unless its bytes are stored already; its persistent id."""
-        key = ("meta", id(t)) if t.is_meta else _view_key(t)  # meta tensors share one null address
+        key = ("meta", id(t)) if t.is_meta else view_key(t)  # meta tensors share one null address
         first = self.canonical.setdefault(key, name)
         if first == name:
             data = self.originals[name] = t.detach()
@@ -183,7 +183,7 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
     split = _Splitter()
     for module_name, module in model.named_modules():
         _check_module(module_name, module)
-    for name, t, is_param in _named_tensors(model):
+    for name, t, is_param in named_tensors(model):
         _check_tensor(name, t, allow_meta)
         split.add(name, t, is_param)
     for name, t in _plain_tensors(model):
@@ -237,7 +237,7 @@ class _SkeletonPickler(cloudpickle.Pickler):
             return self._split.add_unnamed(obj) if pid is None and self._split is not None else pid
         return None
 
-    def reducer_override(self, obj: object) -> object:
+    def reducer_override(self, obj: object) -> Any:
         if self._split is not None and isinstance(obj, torch.nn.Module) and type(obj).__setstate__ is _SETSTATE:
             rv = obj.__reduce_ex__(self.proto)  # (copyreg.__newobj__, (cls,), state, None, None)
             if isinstance(rv, tuple) and len(rv) == 5 and isinstance(rv[2], dict) and rv[2].keys() >= _ATTRS:
@@ -316,7 +316,7 @@ def rebuild_model(
     """
     file = io.BytesIO(skeleton)
     pids, attrs = pickle.load(file)
-    objects = []
+    objects: list[Any] = []  # the weights by persistent id, then the state setter
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
         for name, is_param in pids:
             t = tensors[name]
@@ -327,10 +327,21 @@ def rebuild_model(
             objects.append(t)
         objects.append(_set_module_state if _ATTRS <= attrs else _plain_set_module_state)  # (frozensets: no copy)
         unpickler = pickle.Unpickler(file)
-        unpickler.persistent_load = objects.__getitem__  # (a C lookup per weight, no Python call)
+        unpickler.persistent_load = objects.__getitem__  # type: ignore[method-assign]  # (a C lookup per weight)
         model = unpickler.load()
     if placed is not None:
         placed += [(name, t) for (name, _), t in zip(pids, objects)]  # (zip stops before the setter)
     # every module was pickled in eval mode (see split_model): a root in train mode means a
     # __setstate__ of its own changed that; walking all modules per load would cost more than eval()
     return model.eval() if model.training else model
+
+
+def cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``dtype=`` on load: convert floating-point tensors where they now are (on the GPU after the raw copy)."""
+    out = {}
+    for name, t in tensors.items():
+        new = t.to(dtype) if t.is_floating_point() else t
+        if new.device.type != "cpu" and new.untyped_storage().nbytes() > new.nbytes:
+            new = new.clone()  # a view of a transport's raw device buffer would keep all of it alive
+        out[name] = new
+    return out

@@ -1,8 +1,11 @@
-"""The transport interface and the small byte-level helpers every transport shares.
+"""The backend SDK: the transport interface and the small byte-level helpers every transport shares.
 
 A backend moves the bytes of a model's unique weights from the driver into Ray's
 object store (``put``) and back out inside an actor (``get``). It knows nothing of
 modules, tied names or skeletons: those travel in the ModelRef, outside the backend.
+
+A backend module (built-in or third-party) needs this module, ``ray_zerocopy.errors`` for
+``PayloadError`` / ``UnsupportedModelError``, and ``hookimpl`` (re-exported here from ``hookspecs``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from ray_zerocopy._shm import PrivateViews, private_buffer
+from ray_zerocopy._shm import STORE_MARKER, PrivateViews, private_buffer
+from ray_zerocopy._stream import ALIGN, put_joined
+from ray_zerocopy.hookspecs import hookimpl
+
+__all__ = [
+    "ALIGN", "STORE_MARKER", "Backend", "Payload", "array_offsets", "arrays_to_device", "buffer_to_device",
+    "dtype_from_name", "dtype_name", "hookimpl", "put_joined", "quiet_readonly", "spec_of", "tensor_from_bytes",
+    "tensor_to_bytes", "tensors_in_arrays", "tensors_in_buffer", "to_device",
+]
 
 Payload = Any  # whatever a backend's put() returns: small, picklable, holds the ObjectRefs
 
@@ -48,7 +59,7 @@ class Backend:
     name: ClassVar[str]
     format_version: ClassVar[int] = 1
     zero_copy: ClassVar[bool] = True
-    shared_memory_marker: ClassVar[str] = "plasma"
+    shared_memory_marker: ClassVar[str] = STORE_MARKER
 
     def put(self, weights: Mapping[str, torch.Tensor]) -> Payload:
         """Driver side: store unique, contiguous CPU tensors; return a small picklable payload."""
@@ -102,7 +113,7 @@ def tensor_from_bytes(buf: Any, dtype: str | torch.dtype, shape: tuple[int, ...]
 
 
 def tensors_in_buffer(
-    buf: np.ndarray, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]], marker: str = "plasma"
+    buf: np.ndarray, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]], marker: str = STORE_MARKER
 ) -> dict[str, torch.Tensor]:
     """Contiguous tensors ``(name, dtype, shape, byte offset)`` over one uint8 numpy buffer. No copy.
 
@@ -115,7 +126,7 @@ def tensors_in_buffer(
 
 def tensors_in_arrays(
     arrays: Mapping[str, Any], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]],
-    marker: str = "plasma", offsets: dict[str, int] | None = None,
+    marker: str = STORE_MARKER, offsets: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`tensor_from_bytes` of ``arrays[name]`` (a uint8 numpy array or a buffer) with ``specs[name]``
     (dtype, shape) for every name, copy-on-write (as :func:`tensors_in_buffer`) where the arrays lie in
@@ -150,7 +161,7 @@ def arrays_to_device(
             return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}, device)
     origin, nbytes, offsets = span
     raw = (ctypes.c_char * max(nbytes, 1)).from_address(origin)
-    raw.keep = arrays  # (the object stays pinned while its buffers live)
+    raw.keep = arrays  # type: ignore[attr-defined]  # (ctypes arrays take attributes; the object stays pinned while its buffers live)
     with quiet_readonly():
         base = buffer_to_device(torch.frombuffer(raw, dtype=torch.uint8)[:nbytes], device)
     out = {}
@@ -171,7 +182,7 @@ def _span(
     """``(address, nbytes, offsets)`` of the span the non-empty arrays lie in, trusting ``offsets`` where its
     first and last entries match the arrays; None where the arrays are not one compact span."""
     def origin(k: str) -> int:  # where the offsets count from, according to array k
-        return _address(arrays[k]) - offsets[k]
+        return _address(arrays[k]) - offsets[k]  # type: ignore[index]  # (called only while offsets is a dict)
 
     if offsets and origin(next(iter(offsets))) != origin(next(reversed(offsets))):
         offsets = None  # another layout than this object's
@@ -181,7 +192,7 @@ def _span(
         return 0, 0, {}
     top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
     nbytes = offsets[top] + arrays[top].nbytes
-    if not trusted and nbytes > sum(arrays[k].nbytes + 64 for k in offsets):
+    if not trusted and nbytes > sum(arrays[k].nbytes + ALIGN for k in offsets):
         return None
     return origin(top), nbytes, offsets
 
@@ -194,10 +205,10 @@ def _one_by_one(arrays: Mapping[str, Any], specs: Mapping[str, tuple], marker: s
 
 
 def array_offsets(arrays: Mapping[str, Any]) -> dict[str, int]:
-    """Byte offset of each array (or buffer) from the 64-byte boundary at or below the lowest one. For the arrays
-    of one Ray object they are the same in every process that gets it (the object's bytes are)."""
+    """Byte offset of each array (or buffer) from the ``ALIGN`` (64-byte) boundary at or below the lowest one. For
+    the arrays of one Ray object they are the same in every process that gets it (the object's bytes are)."""
     addrs = {k: _address(a) for k, a in arrays.items()}
-    lo = min(addrs.values(), default=0) // 64 * 64
+    lo = min(addrs.values(), default=0) // ALIGN * ALIGN
     return {k: a - lo for k, a in addrs.items()}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
 from safetensors import safe_open
@@ -146,4 +146,5 @@ def weights_from(path: str | os.PathLike, split_weights: Mapping[str, torch.Tens
     opened: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
         opened.update(open_file(file))
-    return {name: opened[sources[name]] if name in sources else t for name, t in split_weights.items()}
+    # (a tensor is None or meta only where sources names its checkpoint tensor: see match)
+    return {name: opened[sources[name]] if name in sources else cast(torch.Tensor, t) for name, t in split_weights.items()}

@@ -7,7 +7,7 @@ still works for callers that do not know this library.
 from __future__ import annotations
 
 
-def _rebuild(cls: type, message: str, state: dict) -> RayZeroCopyError:
+def _rebuild(cls: type[RayZeroCopyError], message: str, state: dict) -> RayZeroCopyError:
     err = cls.__new__(cls)
     Exception.__init__(err, message)
     err.__dict__.update(state)
@@ -39,12 +39,10 @@ class NotAModuleError(RayZeroCopyError, TypeError):
 class NoModelsError(RayZeroCopyError, ValueError):
     """A pipeline holds no ``torch.nn.Module`` attribute to share."""
 
-    def __init__(self, pipeline: object, names: object = None) -> None:
+    def __init__(self, pipeline: object) -> None:
         self.pipeline = pipeline
-        self.names = names
-        what = f"none of the attributes {names!r} is" if names else "no attribute is"
         super().__init__(
-            f"pipeline {type(pipeline).__qualname__}: {what} a torch.nn.Module. Fix: store the models as "
+            f"pipeline {type(pipeline).__qualname__}: no attribute is a torch.nn.Module. Fix: store the models as "
             "attributes of the pipeline object, or name them with model_attr_names=[...]."
         )
 

@@ -31,6 +31,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ray_zerocopy._tensors import cast_floating
+
 NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
@@ -50,7 +52,7 @@ class _Holder:
         from ray_zerocopy.plugins import get_backend
 
         self.backend, self.ref, self.dtype = get_backend(model_ref.backend), model_ref, dtype
-        self.tensors = self._fetch()
+        self.tensors: dict[str, torch.Tensor] | None = self._fetch()  # None once freed (no users left)
         torch.cuda.synchronize()
         storages: dict[int, int] = {}
         self.shared: list[tuple] = []  # one IPC handle per device storage
@@ -67,10 +69,8 @@ class _Holder:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _fetch(self) -> dict[str, torch.Tensor]:
-        from ray_zerocopy.actor import _cast_floating
-
         tensors = self.backend.get(self.ref.payload, torch.device("cuda", 0))
-        return _cast_floating(tensors, self.dtype) if self.dtype is not None else tensors
+        return cast_floating(tensors, self.dtype) if self.dtype is not None else tensors
 
     def attach(self, pid: int) -> tuple[list[tuple], dict[str, tuple]]:
         """Count one more model of process ``pid`` as a user; the IPC handles and the tensor layout."""
@@ -91,6 +91,7 @@ class _Holder:
     def restore(self) -> None:
         """Put back the stored weights after a user wrote into them (copied again from the object store)."""
         fresh = self._fetch()
+        assert self.tensors is not None  # (a restore comes from a user: the memory is freed only when none is left)
         for name, t in self.tensors.items():
             t.copy_(fresh[name])
         torch.cuda.synchronize()
@@ -128,7 +129,7 @@ def _alive(pid: int) -> bool:
 def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> Any:
     name = f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}"
     node = ray.get_runtime_context().get_node_id()
-    return _Holder.options(
+    return _Holder.options(  # type: ignore[attr-defined]  # (ray.remote made it an ActorClass)
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
     ).remote(uuid, model_ref, dtype)

@@ -66,6 +66,7 @@ def guard_model(
     Example:
         >>> model = guard_model(model, [("fc.weight", model.fc.weight)], restore)  # doctest: +SKIP
     """
-    guard = model._rzc_guard = _Guard(tensors, restore)
+    guard = _Guard(tensors, restore)
+    model._rzc_guard = guard  # type: ignore[assignment]  # (torch types Module attributes as Tensor | Module)
     model.register_forward_hook(guard.check, always_call=True)  # also after an exception
     return model

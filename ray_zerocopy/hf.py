@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from ray_zerocopy.actor import DEFAULT_BACKEND, ModelRef, prepare_model_for_actors
+from ray_zerocopy.model_ref import ModelRef
+from ray_zerocopy.plugins import DEFAULT_BACKEND
+from ray_zerocopy.prepare import prepare_model_for_actors
 
 
 def build_skeleton(path: str | os.PathLike, model_class: Any = None, *, dtype: torch.dtype | None = None,
@@ -85,11 +87,11 @@ def prepare_pretrained(
     Args:
         path: the folder (``config.json`` and ``model.safetensors`` or a sharded ``model.safetensors.index.json``).
         model_class, dtype, trust_remote_code: as for :func:`build_skeleton`.
-        backend, node, progress: as for :func:`~ray_zerocopy.actor.prepare_model_for_actors` (with ``node``,
+        backend, node, progress: as for :func:`~ray_zerocopy.prepare.prepare_model_for_actors` (with ``node``,
             the owner on that node reads the weights; the config is read here).
 
     Returns:
-        The :class:`~ray_zerocopy.actor.ModelRef`, as from ``prepare_model_for_actors``.
+        The :class:`~ray_zerocopy.model_ref.ModelRef`, as from ``prepare_model_for_actors``.
 
     Raises:
         CheckpointError, CheckpointMismatchError, PrepareNodeError: as ``prepare_model_for_actors``.

@@ -20,17 +20,13 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
-from ray_zerocopy._tensors import _named_tensors, rebuild_model
-from ray_zerocopy.actor import (
-    DEFAULT_BACKEND,
-    ModelRef,
-    _model_attr_names,
-    _set_attr,
-    _shallow_copy,
-    load_model_in_actor,
-    prepare_model_for_actors,
-)
+from ray_zerocopy._tensors import named_tensors, rebuild_model
 from ray_zerocopy.errors import MethodNotFoundError, ShimAttributeError
+from ray_zerocopy.load import load_model_in_actor
+from ray_zerocopy.model_ref import ModelRef
+from ray_zerocopy.pipeline import model_attrs, set_attr, shallow_copy
+from ray_zerocopy.plugins import DEFAULT_BACKEND
+from ray_zerocopy.prepare import prepare_model_for_actors
 
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 _NEEDS_WEIGHTS = (
@@ -168,7 +164,7 @@ def _shim(model: torch.nn.Module, method_names: Sequence[str], backend: str, rem
     methods = _checked_methods(model, method_names)
     ref = prepare_model_for_actors(model, backend=backend)
     specs = {name: ((t.numel(),) if name in ref.layouts else tuple(t.shape), t.dtype)
-             for name, t, _ in _named_tensors(model)}
+             for name, t, _ in named_tensors(model)}
     return RemoteModel(ref, methods, remote_options, specs, type(model).__qualname__)
 
 
@@ -205,12 +201,12 @@ def rewrite_pipeline(
     """
     if isinstance(pipeline, torch.nn.Module) and model_attr_names is None:
         return _shim(pipeline, method_names, backend, remote_options)
-    names = _model_attr_names(pipeline, model_attr_names)
-    out = _shallow_copy(pipeline)
+    names = model_attrs(pipeline, model_attr_names)
+    out = shallow_copy(pipeline)
     shims: dict[int, RemoteModel] = {}
     for name in names:
         model = getattr(pipeline, name)
         if id(model) not in shims:
             shims[id(model)] = _shim(model, method_names, backend, remote_options)
-        _set_attr(out, name, shims[id(model)])
+        set_attr(out, name, shims[id(model)])
     return out

@@ -3,7 +3,7 @@
 Ray pins every ObjectRef that is pickled outside its own serialization (``cloudpickle.dumps``,
 which Ray Serve applies to a deployment's ``.bind(...)`` arguments) for the rest of the life of
 the process that pickled it: the weights would stay in the object store after ``serve.shutdown()``
-or a redeploy, for as long as the driver runs. So a :class:`~ray_zerocopy.actor.ModelRef` pickled
+or a redeploy, for as long as the driver runs. So a :class:`~ray_zerocopy.model_ref.ModelRef` pickled
 that way is pickled as its uid (no ObjectRef), and a small keeper actor per model holds the real
 ModelRef. Unpickling it (a replica's constructor arguments) asks the keeper for the ModelRef (an
 ordinary Ray borrow: the keeper returns it) and the keeper counts the calling actor as a user.
@@ -43,7 +43,8 @@ class _Keeper:
     """Holds one ModelRef while a pinning process or a user actor needs it, then exits."""
 
     def __init__(self, model_ref: Any) -> None:
-        self.ref, self.pins, self.users = model_ref, 0, set()
+        self.ref, self.pins = model_ref, 0
+        self.users: set[str] = set()  # actor IDs
         self.lock = threading.Lock()
         self.started = time.monotonic()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -96,7 +97,7 @@ def keep(model_ref: Any) -> str:
     """Hand ``model_ref`` to its keeper (started once per model) and pin it until ``model_ref`` is collected here.
 
     Args:
-        model_ref: a :class:`~ray_zerocopy.actor.ModelRef` being pickled outside Ray's serialization.
+        model_ref: a :class:`~ray_zerocopy.model_ref.ModelRef` being pickled outside Ray's serialization.
 
     Returns:
         Its key (its uid, and its index in a group), which is pickled in its place (:func:`restore`
@@ -105,8 +106,9 @@ def keep(model_ref: Any) -> str:
     key = model_ref.uid if model_ref.member is None else f"{model_ref.uid}.{model_ref.member}"  # (one per model of a group)
     with _lock:
         if key not in _kept:
-            keeper = _Keeper.options(name=keeper_name(key), namespace=NAMESPACE, lifetime="detached",
-                                     get_if_exists=True).remote(model_ref)
+            keeper = _Keeper.options(  # type: ignore[attr-defined]  # (ray.remote made it an ActorClass)
+                name=keeper_name(key), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            ).remote(model_ref)
             actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
             ray.get(keeper.pin.remote(1, actor_id))
             _kept[key] = keeper

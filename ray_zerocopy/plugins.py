@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+import torch
 
 from ray_zerocopy import hookspecs
 from ray_zerocopy.backend import Backend
-from ray_zerocopy.errors import DuplicateBackendError, UnknownBackendError
+from ray_zerocopy.errors import BackendArgumentError, DuplicateBackendError, UnknownBackendError
 
 DISABLE_AUTOLOAD_ENV = "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"
 BUILTINS = {  # backend name -> plugin module
@@ -33,6 +34,7 @@ BUILTINS = {  # backend name -> plugin module
     "packed": "ray_zerocopy.backends.packed",
 }
 BUILTIN_PLUGINS = tuple(BUILTINS.values())
+DEFAULT_BACKEND = "object_store"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,12 @@ _backends: dict[str, BackendInfo] | None = None
 _instances: dict[str, Backend] = {}
 _entry_points: dict[int, tuple[str, str]] = {}  # id(plugin) -> (its distribution "name version", entry point value)
 _broken: dict[str, BrokenPlugin] = {}
+
+
+def import_builtins() -> None:
+    """Import the built-in backends' modules (registering nothing: :func:`plugin_manager` does that)."""
+    for module_name in BUILTIN_PLUGINS:
+        importlib.import_module(module_name)
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -202,3 +210,23 @@ def get_backend(name: str) -> Backend:
             raise UnknownBackendError(name, list(infos))
         backend = _instances[name] = infos[name].cls()
     return backend
+
+
+def check_backend_arg(backend: object, function: str, position: int, original: str | None = None,
+                      optional: bool = False) -> None:
+    """Refuse a ``backend=`` that is not a backend name: a bool, a non-string, or a device name (the
+    original ray_zerocopy took ``use_fast_load`` / ``device`` where ours takes ``backend``).
+
+    Raises:
+        BackendArgumentError: naming ``function``, the argument's ``position`` and the ``original`` one there.
+    """
+    if backend is None and optional:  # the load functions: None means the ref's backend
+        return
+    if isinstance(backend, str):
+        if backend in BUILTINS:
+            return
+        try:
+            torch.device(backend)
+        except (RuntimeError, ValueError):
+            return  # a name, maybe of a third-party backend (checked where it is looked up)
+    raise BackendArgumentError(backend, function, position, original, optional)

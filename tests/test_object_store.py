@@ -11,7 +11,7 @@ import torch
 from ray_zerocopy import array_offsets
 from ray_zerocopy._tensors import split_model
 from ray_zerocopy.backends import object_store
-from ray_zerocopy.testing import _shared_mappings, zoo_model
+from ray_zerocopy.testing import shared_mappings, zoo_model
 
 
 def bits(t: torch.Tensor) -> bytes:
@@ -23,7 +23,7 @@ def _load_report(payload):
     from ray_zerocopy.plugins import get_backend
 
     tensors = get_backend("object_store").get(payload, torch.device("cpu"))
-    maps = _shared_mappings("plasma", writable=True)
+    maps = shared_mappings("plasma", writable=True)
     return {
         "bits": {k: (t.dtype, tuple(t.shape), bits(t)) for k, t in tensors.items()},
         "offsets_here": array_offsets({k: a for k, a in ray.get(payload.ref).items() if a.nbytes}),

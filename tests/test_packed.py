@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ray_zerocopy import PayloadError
 from ray_zerocopy._tensors import split_model
 from ray_zerocopy.backends import packed, safetensors_blob
-from ray_zerocopy.testing import _merged_mappings, dtype_zoo, zoo_model
+from ray_zerocopy.testing import dtype_zoo, merged_mappings, zoo_model
 
 
 def bits(t: torch.Tensor) -> bytes:
@@ -49,7 +49,7 @@ def _load_report(payload):
 
     tensors = get_backend("packed").get(payload, torch.device("cpu"))
     base = min(t.data_ptr() for t in tensors.values() if t.nbytes)
-    maps = _merged_mappings("plasma")
+    maps = merged_mappings("plasma")
     return {
         "bits": {k: (t.dtype, tuple(t.shape), bits(t)) for k, t in tensors.items()},
         "relative": {k: t.data_ptr() - base for k, t in tensors.items() if t.nbytes},

@@ -18,7 +18,7 @@ from ray_zerocopy import (
     prepare_model_for_actors,
     rewrite_pipeline_for_actors,
 )
-from ray_zerocopy.actor import _member
+from ray_zerocopy.load import member_of
 
 MiB = 1024**2
 
@@ -168,7 +168,7 @@ def test_hooks_of_the_group_run_for_each_model(ray_local):
     _, refs = rewrite_pipeline_for_actors(SharedEmbedPipeline())
     group = load_model_in_actor(dataclasses.replace(refs["encoder"], member=None))
     guard_model(group, [("0.mix.bias", group[0].mix.bias)])
-    encoder = _member(group, 0)
+    encoder = member_of(group, 0)
     with torch.no_grad():
         encoder(torch.tensor([[1, 2]]))
         encoder.mix.bias.add_(1)

@@ -18,7 +18,9 @@ from typing import Any
 import ray
 import torch
 
-from ray_zerocopy._bench_approaches import (
+from ray_zerocopy import _procmaps
+from ray_zerocopy._shm import STORE_MARKER
+from ray_zerocopy.bench.approaches import (
     ModelSpec,
     build_model,
     get_approach,
@@ -26,8 +28,6 @@ from ray_zerocopy._bench_approaches import (
     run_model,
     sample_input,
 )
-
-STORE_MARKER = "plasma"
 
 
 def process_memory(files_marker: str | None = None) -> dict[str, Any]:
@@ -41,8 +41,9 @@ def process_memory(files_marker: str | None = None) -> dict[str, Any]:
     skip = in_store = False
     with open("/proc/self/smaps") as f:
         for line in f:
-            key, _, rest = line.partition(":")
-            if " " not in key:  # a field line ("Pss:     12 kB")
+            mapping = _procmaps.parse(line)
+            if mapping is None:  # a field line ("Pss:     12 kB")
+                key, _, rest = line.partition(":")
                 if key == "Pss":
                     kb = int(rest.split()[0]) * 1024
                     store += kb if in_store else 0
@@ -51,9 +52,8 @@ def process_memory(files_marker: str | None = None) -> dict[str, Any]:
                     uss += int(rest.split()[0]) * 1024
             else:  # a mapping header ("7f..-7f.. rw-s 0000 00:1b 46  /dev/shm/plasmaX (deleted)")
                 in_store = STORE_MARKER in line
-                parts = line.split(maxsplit=5)
-                path = parts[5].strip() if len(parts) == 6 else ""  # anonymous mappings have no path
-                in_files = bool(files_marker) and files_marker in path and not in_store
+                path = mapping.path  # (anonymous mappings have none)
+                in_files = bool(files_marker and files_marker in path) and not in_store
                 if in_files:
                     path = path.removesuffix(" (deleted)")
                     files[path] = os.path.getsize(path) if os.path.exists(path) else 0
@@ -185,6 +185,7 @@ class BenchActor:
 
     def run_and_measure(self, files_marker: str | None) -> dict[str, Any]:
         """Run the loaded model once, then the memory it added to this process (see :func:`process_memory`)."""
+        assert self.model is not None, "load first"
         self.out = run_model(self.model, self.ids)
         gc.collect()
         now = process_memory(files_marker)
@@ -195,6 +196,7 @@ class BenchActor:
         reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
         expected = run_model(reference, self.ids)
         del reference
+        assert self.out is not None, "run_and_measure first"
         return float((self.out - expected).abs().max())
 
     def warm(self, approach: str, wrapped: list[Any], repeats: int, fast_repeats: int = 0) -> list[float]:

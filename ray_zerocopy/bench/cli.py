@@ -28,13 +28,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import ray
 import torch
 
-from ray_zerocopy._bench_approaches import (
+from ray_zerocopy._shm import STORE_MARKER
+from ray_zerocopy.bench.approaches import (
     CHECKPOINT,
     CKPT_PREFIX,
     NATIVE,
@@ -42,6 +43,7 @@ from ray_zerocopy._bench_approaches import (
     OURS_PREFIX,
     PRESETS,
     ModelSpec,
+    Prepared,
     all_tensors,
     build_model,
     get_approach,
@@ -49,8 +51,8 @@ from ray_zerocopy._bench_approaches import (
     make_spec,
     unique_tensors,
 )
-from ray_zerocopy._bench_probe import FAST_S, BenchActor, DriverPeak, object_bytes
-from ray_zerocopy._bench_report import draw_png, format_table, summarize, write_json
+from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, object_bytes
+from ray_zerocopy.bench.report import draw_png, format_table, summarize, write_json
 
 NATIVE_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 _T0 = time.perf_counter()
@@ -227,8 +229,11 @@ def _measure_actors(
             ray.kill(a)
 
 
+_BenchActor: Any = BenchActor  # (ray.remote made it an ActorClass: .options, .remote)
+
+
 def _fresh_actors(opts: Options, ctx: Context) -> list[Any]:
-    actor_cls = BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else BenchActor
+    actor_cls = _BenchActor.options(num_gpus=ctx.num_gpus) if ctx.num_gpus else _BenchActor
     return [actor_cls.remote(opts.spec, opts.device, opts.args.share_gpu) for _ in range(opts.actors)]
 
 
@@ -259,7 +264,7 @@ def _files_marker(name: str, adir: str) -> str | None:
         from ray_zerocopy.plugins import get_backend
 
         marker = get_backend(name[len(OURS_PREFIX):]).shared_memory_marker
-        return None if marker == "plasma" else marker
+        return None if marker == STORE_MARKER else marker
     return adir
 
 
@@ -272,6 +277,7 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
         progress(f"  {name}: {res['error']}")
         return res
     adir = tempfile.mkdtemp(prefix=name.replace(":", "_") + "-", dir=ctx.workdir)
+    prepared: Prepared | None = None
     try:
         with DriverPeak() as peak:
             t0 = time.perf_counter()
@@ -331,7 +337,7 @@ def _child_main(opts: Options) -> int:
     return 0
 
 
-def _meta(opts: Options, model: torch.nn.Module, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _meta(opts: Options, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
     import transformers
 
     return {
@@ -352,7 +358,7 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     progress(f"building {opts.spec.name} ({opts.spec.dtype})")
     model = build_model(opts.spec)
     unique = unique_tensors(model)[0]
-    meta = _meta(opts, model, unique)
+    meta = _meta(opts, unique)
     del unique
     progress(f"model: {meta['model_bytes'] / 1e6:.1f} MB in {meta['tensors']} unique tensors; "
              f"approaches: {', '.join(opts.approaches)}")
@@ -363,7 +369,7 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         torch.save(all_tensors(model), ctx.reference)
         if opts.args.checkpoint:
             CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")
-            model.save_pretrained(CHECKPOINT["path"], max_shard_size=max(meta["model_bytes"] // 3, 2**20))
+            cast(Any, model).save_pretrained(CHECKPOINT["path"], max_shard_size=max(meta["model_bytes"] // 3, 2**20))
             progress(f"saved the checkpoint folder ({len(os.listdir(CHECKPOINT['path']))} files)")
         if NATIVE in opts.approaches:  # before our own Ray starts: one cluster at a time
             results[NATIVE] = _run_native(opts, ctx)
@@ -388,7 +394,7 @@ def _pinned_peak(opts: Options, ctx: Context) -> float:
     if not gpus:
         raise ValueError(f"--device {opts.device}: Ray sees no GPU on this machine; use --device cpu")
     ctx.num_gpus = min(1.0, gpus / opts.actors)
-    actor = BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device, False)
+    actor = _BenchActor.options(num_gpus=ctx.num_gpus).remote(opts.spec, opts.device, False)
     try:
         return ray.get(actor.pinned_peak.remote(min(ctx.model_bytes, 2**30)))
     finally:

@@ -1,145 +1,16 @@
-"""Test helpers a third-party backend can run on itself: a model zoo of hard cases,
-a zero-copy proof, and (see :func:`check_backend`) a conformance check.
-"""
+"""The conformance kit: :func:`check_backend` runs a backend through every check, in Ray tasks."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------- model zoo
-
-
-class HardCases(nn.Module):
-    """One small model holding every case that breaks naive loaders.
-
-    Tied weights (embedding <-> output), a non-contiguous parameter, BatchNorm buffers
-    (int64 ``num_batches_tracked``), a non-persistent buffer, float32/float16/bfloat16/
-    int64/bool tensors, a scalar and an empty tensor, and nested containers.
-    """
-
-    def __init__(self, vocab: int = 1000, dim: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.GELU()) for _ in range(2)
-        )
-        self.heads = nn.ModuleDict({"out": nn.Linear(dim, vocab, bias=False)})
-        self.heads["out"].weight = self.embed.weight  # tied: one Parameter under two names
-        self.transposed = nn.Parameter(torch.randn(dim, dim).t())  # non-contiguous
-        self.fp16 = nn.Parameter(torch.randn(dim, dtype=torch.float16))
-        self.bf16 = nn.Parameter(torch.randn(dim, dtype=torch.bfloat16))
-        self.register_buffer("positions", torch.arange(vocab), persistent=False)
-        self.register_buffer("mask", torch.rand(dim) > 0.5)
-        self.register_buffer("scale", torch.tensor(0.5))  # 0-dim
-        self.empty = nn.Parameter(torch.empty(0, dim))
-        for block in self.blocks:  # non-trivial running stats, so buffers matter for the output
-            block[1].running_mean.uniform_(-1, 1)
-            block[1].running_var.uniform_(0.5, 2)
-            block[1].num_batches_tracked.fill_(7)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids % self.positions.numel()).mean(1)
-        for block in self.blocks:
-            h = block(h)
-        h = h @ self.transposed + self.fp16.float() + self.bf16.float()
-        h = torch.where(self.mask, h, -h) * self.scale + self.empty.sum()
-        return self.heads["out"](h)
-
-
-def _tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64)
-    return BertModel(cfg)
-
-
-def _tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg)
-
-
-class _HFOutput(nn.Module):
-    """Wraps a Hugging Face model so it returns one tensor (the zoo compares tensors)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-ZOO: dict[str, Callable[[], nn.Module]] = {
-    "hard_cases": HardCases,
-    "bert": lambda: _HFOutput(_tiny_bert()),
-    "gpt2": lambda: _HFOutput(_tiny_gpt2()),
-}
-
-
-def zoo_model(name: str, seed: int = 0) -> nn.Module:
-    """A zoo model in eval mode, deterministic for a given seed."""
-    torch.manual_seed(seed)
-    return ZOO[name]().eval()
-
-
-def zoo_input(batch: int = 3, seq: int = 8, vocab: int = 50, seed: int = 1) -> torch.Tensor:
-    """Token ids every zoo model accepts."""
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-# ---------------------------------------------------------------- zero-copy proof
-
-
-def _shared_mappings(marker: str, writable: bool = False) -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's mappings of shared memory whose path contains ``marker``: Ray's
-    own (shared, writable; the only ones with ``writable``) and the copy-on-write ones of loads (private
-    mappings of the same file: their pages are the file's until written, see ``_shm.py``)."""
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and marker in parts[5] and (parts[1][1:4:2] == "ws" or not writable):
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                out.append((lo, hi, parts[5].strip()))
-    return out
-
-
-def unique_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer of ``model`` once (first name wins)."""
-    seen: set[int] = set()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield name, t
-
-
-def tensors_outside_shared_memory(model: nn.Module, marker: str = "plasma") -> list[str]:
-    """Names of non-empty CPU tensors whose bytes do not lie inside Ray's shared object store.
-
-    Linux only: reads ``/proc/self/maps``. An empty list proves every weight is a view of
-    the node's shared memory (no private copy in this process).
-    """
-    maps = _merged_mappings(marker)  # one mapping may show as several adjacent lines (split by mprotect)
-    outside = []
-    for name, t in unique_tensors(model):
-        if t.device.type != "cpu" or t.nbytes == 0:
-            continue
-        lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
-        if not any(a <= lo and hi <= b for a, b in maps):
-            outside.append(name)
-    return outside
-
-
-# ---------------------------------------------------------------- conformance kit
-
-import contextlib  # noqa: E402  (the kit is appended as one block)
+from ray_zerocopy._shm import STORE_MARKER
+from ray_zerocopy.testing.proof import outside, unique_tensors
+from ray_zerocopy.testing.zoo import zoo_input, zoo_model
 
 KIT_MODELS = ("hard_cases", "bert", "gpt2")
 # Payloads no backend can read: each must make get() raise (not return, crash or hang).
@@ -208,26 +79,7 @@ def _registered(plugin: object | None) -> Iterator[None]:
 
 def _marker(backend: object) -> str:
     """Substring of the /proc/self/maps path that zero-copy views must lie in (``Backend.shared_memory_marker``)."""
-    return getattr(backend, "shared_memory_marker", "plasma")  # a backend built on an older Backend lacks it
-
-
-def _merged_mappings(marker: str) -> list[tuple[int, int]]:
-    """Mappings of ``marker``'s shared memory, adjacent ones of one file merged (a mapping may show as
-    several lines of /proc/self/maps)."""
-    merged: list[tuple[int, int, str]] = []
-    for lo, hi, path in sorted(_shared_mappings(marker)):
-        if merged and merged[-1][1] == lo and merged[-1][2] == path:
-            merged[-1] = (merged[-1][0], hi, path)
-        else:
-            merged.append((lo, hi, path))
-    return [(lo, hi) for lo, hi, _ in merged]
-
-
-def _outside(tensors: dict[str, torch.Tensor], marker: str) -> list[str]:
-    """Names of non-empty CPU tensors whose bytes are not inside one shared mapping of ``marker``."""
-    maps = _merged_mappings(marker)
-    return [k for k, t in tensors.items() if t.nbytes and t.device.type == "cpu"
-            and not any(a <= t.data_ptr() and t.data_ptr() + t.nbytes <= b for a, b in maps)]
+    return getattr(backend, "shared_memory_marker", STORE_MARKER)  # a backend built on an older Backend lacks it
 
 
 def _check_tensors(name: str, payload: object, device: str) -> list[str]:
@@ -241,13 +93,13 @@ def _check_tensors(name: str, payload: object, device: str) -> list[str]:
     problems = [f"tensor {k!r} ({t.dtype}, {tuple(t.shape)}) came back as {got[k].dtype}, "
                 f"{tuple(got[k].shape)} on {got[k].device} with other bytes"
                 for k, t in expected.items() if not _same(got[k], t) or got[k].device.type != device.split(":")[0]]
-    if device == "cpu" and backend.zero_copy and (outside := _outside(got, _marker(backend))):
-        problems.append(f"zero_copy=True, but {outside} are not views of shared memory ({_marker(backend)!r})")
+    if device == "cpu" and backend.zero_copy and (away := outside(got, _marker(backend))):
+        problems.append(f"zero_copy=True, but {away} are not views of shared memory ({_marker(backend)!r})")
     return problems
 
 
-def _check_model(name: str, model_name: str, ref: object, device: str) -> list[str]:
-    from ray_zerocopy.actor import load_model_in_actor
+def _check_model(name: str, model_name: str, ref: Any, device: str) -> list[str]:
+    from ray_zerocopy.load import load_model_in_actor
     from ray_zerocopy.plugins import get_backend
 
     original, ids = zoo_model(model_name).to(device), zoo_input().to(device)
@@ -265,8 +117,8 @@ def _check_model(name: str, model_name: str, ref: object, device: str) -> list[s
     if loaded.training or any(p.requires_grad for p in loaded.parameters()):
         problems.append("loaded model is in train mode or has requires_grad=True parameters")
     backend = get_backend(name)
-    if device == "cpu" and backend.zero_copy and (outside := _outside(dict(unique_tensors(loaded)), _marker(backend))):
-        problems.append(f"zero_copy=True, but {outside} are not views of shared memory ({_marker(backend)!r})")
+    if device == "cpu" and backend.zero_copy and (away := outside(dict(unique_tensors(loaded)), _marker(backend))):
+        problems.append(f"zero_copy=True, but {away} are not views of shared memory ({_marker(backend)!r})")
     return [f"{model_name}: {p}" for p in problems]
 
 
@@ -285,7 +137,8 @@ def _kit_task(check: str, name: str, plugin: object | None, args: tuple, device:
         if check == "tensors":
             return _check_tensors(name, args[0], device)
         if check == "model":
-            return _check_model(name, *args, device)
+            model_name, ref = args
+            return _check_model(name, model_name, ref, device)
         return _check_bad(name, args[0])
 
 
@@ -329,9 +182,9 @@ def check_backend(
     """
     import ray
 
-    from ray_zerocopy.actor import prepare_model_for_actors
     from ray_zerocopy.errors import UnknownBackendError
     from ray_zerocopy.plugins import get_backend
+    from ray_zerocopy.prepare import prepare_model_for_actors
 
     if not ray.is_initialized():
         raise RuntimeError("check_backend runs inside a running Ray: call ray.init() first")
@@ -357,7 +210,7 @@ def check_backend(
     return passed
 
 
-def _collect(jobs: list[tuple[str, object]], timeout_s: float) -> tuple[list[str], list[str]]:
+def _collect(jobs: Sequence[tuple[str, Any]], timeout_s: float) -> tuple[list[str], list[str]]:
     """Wait for every check task; a timeout, a dead worker or an error in the task is a failure."""
     import time
 

@@ -1,4 +1,4 @@
-"""The models and the loading approaches the benchmark compares (see :mod:`ray_zerocopy.bench`).
+"""The models and the loading approaches the benchmark compares (see :mod:`ray_zerocopy.bench.cli`).
 
 Every approach is two plain functions: ``prepare`` runs once in the driver and returns a
 small handle (ObjectRefs nested inside it are not resolved by Ray when the handle is passed
@@ -11,13 +11,16 @@ loaders, and state-dict files read from disk in each actor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import ray
 import torch
+
+from ray_zerocopy._tensors import view_key
 
 # ---------------------------------------------------------------- models
 
@@ -74,7 +77,7 @@ def make_spec(preset: str, dtype: str, layers: int | None = None, hidden: int | 
     return ModelSpec(name, family, config, dtype)
 
 
-def _model_class(spec: ModelSpec) -> tuple[type[torch.nn.Module], Any]:
+def _model_class(spec: ModelSpec) -> tuple[Any, Any]:  # (a transformers model class, its config)
     if spec.family == "bert":
         from transformers import BertConfig, BertModel
 
@@ -94,13 +97,12 @@ def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
         with torch.device("meta"):
             model = cls(config)
     else:
+        no_init: Callable[[], contextlib.AbstractContextManager[Any]]
         try:
-            from transformers.initialization import no_init_weights
+            from transformers.initialization import no_init_weights as no_init
         except ImportError:  # older transformers: pay for its init, then overwrite it
-            import contextlib
-
-            no_init_weights = contextlib.nullcontext
-        with no_init_weights():
+            no_init = contextlib.nullcontext
+        with no_init():
             model = cls(config)
         model.tie_weights()
         gen = torch.Generator().manual_seed(0)
@@ -143,7 +145,7 @@ def unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for name, t in all_tensors(model).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = view_key(t)
         if key in first:
             aliases[name] = first[key]
         else:
@@ -155,12 +157,12 @@ def unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
 def assign_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
     """Put ``tensors`` into a (meta) skeleton by dotted name; tensors viewing the same bytes become
     one object again, so tied weights stay tied. Raises ``KeyError`` naming a missing tensor."""
-    made: dict[tuple, torch.Tensor] = {}
+    made: dict[tuple, Any] = {}  # tie key -> the Parameter or buffer put in the model
     named = [(n, True) for n, _ in model.named_parameters(remove_duplicate=False)]
     named += [(n, False) for n, _ in model.named_buffers(remove_duplicate=False)]
     for name, is_param in named:
         t = tensors[aliases.get(name, name)]
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, is_param)
+        key = (*view_key(t), is_param)
         if key not in made:
             made[key] = torch.nn.Parameter(t, requires_grad=False) if is_param else t
         owner, _, leaf = name.rpartition(".")
@@ -187,24 +189,6 @@ class Prepared:
     files: list[str] = field(default_factory=list)
 
 
-def find_refs(obj: Any, depth: int = 6) -> list[ray.ObjectRef]:
-    """ObjectRefs nested in containers, dataclasses and plain objects (to size what a payload stores)."""
-    if isinstance(obj, ray.ObjectRef):
-        return [obj]
-    if depth == 0 or isinstance(obj, (str, bytes, bytearray, int, float, torch.Tensor)):
-        return []
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
-        names = list(getattr(obj, "__dict__", {})) + list(getattr(obj, "__slots__", ()))
-        items = [getattr(obj, n, None) for n in names]
-    else:
-        return []
-    return [r for item in items for r in find_refs(item, depth - 1)]
-
-
 def _moved(model: torch.nn.Module, device: str) -> torch.nn.Module:
     """``model.to(device)`` where it moves something: on the CPU that walk alone costs a bert-base
     ~2-5 ms, which the alternatives' users would not pay (they call it for a GPU only)."""
@@ -213,12 +197,12 @@ def _moved(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
 def _prepare_ours(backend: str) -> Callable[[torch.nn.Module, str], Prepared]:
     def prepare(model: torch.nn.Module, workdir: str) -> Prepared:
-        from ray_zerocopy import prepare_model_for_actors
+        from ray_zerocopy.prepare import prepare_model_for_actors
 
         model_ref = prepare_model_for_actors(model, backend=backend)
         # actors get the small ModelRef itself, as Ray Data's fn_constructor_kwargs deliver it (and as
         # users hold it); the other approaches get what their users hold: an ObjectRef to the data
-        return Prepared(model_ref, find_refs(model_ref.payload))
+        return Prepared(model_ref, list(model_ref.object_refs))
 
     return prepare
 
@@ -233,20 +217,21 @@ def _prepare_ours_checkpoint(backend: str) -> Callable[[torch.nn.Module, str], P
         from ray_zerocopy.hf import prepare_pretrained
 
         model_ref = prepare_pretrained(CHECKPOINT["path"], backend=backend, progress=False)
-        return Prepared(model_ref, find_refs(model_ref.payload))
+        return Prepared(model_ref, list(model_ref.object_refs))
 
     return prepare
 
 
 def _prepare_from_pretrained_put(model: torch.nn.Module, workdir: str) -> Prepared:
     """What users do without us: from_pretrained in the driver, then ray.put of the model."""
-    loaded = type(model).from_pretrained(CHECKPOINT["path"], dtype=next(model.parameters()).dtype).eval()
+    loaded = cast(Any, type(model)).from_pretrained(  # (a transformers model)
+        CHECKPOINT["path"], dtype=next(model.parameters()).dtype).eval()
     ref = ray.put(loaded)
     return Prepared(ref, [ref])
 
 
 def _load_ours(handle: Any, spec: ModelSpec, device: str, share_gpu: bool = False) -> torch.nn.Module:
-    from ray_zerocopy import load_model_in_actor
+    from ray_zerocopy.load import load_model_in_actor
 
     return load_model_in_actor(handle, device=None if device == "cpu" else device, share_gpu=share_gpu)
 
