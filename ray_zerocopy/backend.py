@@ -235,14 +235,15 @@ def _views(
     found = private_buffer(addr, nbytes, keep, marker) if nbytes else None
     buf, skip = found if found is not None else (bytearray(ctypes.string_at(addr, nbytes)), 0)
     out = PrivateViews()
+    entries = list(entries)
     for dtype, run in _runs(entries):
         first, end = run[0][2], run[-1][2] + math.prod(run[-1][1]) * dtype.itemsize
         base = torch.frombuffer(buf, dtype=dtype, count=(end - first) // dtype.itemsize, offset=skip + first)
         for name, shape, offset in run:
             out[name] = base.as_strided(shape, _strides(shape), (offset - first) // dtype.itemsize)
-    for name, dtype, shape, _ in entries:  # (empty: no bytes to share, and may not be aligned for its dtype)
+    for name, kind, shape, _ in entries:  # (empty: no bytes to share, and may not be aligned for its dtype)
         if name not in out:
-            out[name] = torch.empty(shape, dtype=dtype_from_name(dtype) if isinstance(dtype, str) else dtype)
+            out[name] = torch.empty(shape, dtype=dtype_from_name(kind) if isinstance(kind, str) else kind)
     return out
 
 
