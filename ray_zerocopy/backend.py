@@ -306,7 +306,7 @@ def buffer_to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
     if device.type == "cpu":
         return buf
-    if device.type == "cuda":  # pinned in place or streamed through pinned buffers: see _cuda.py
+    if device.type == "cuda":  # streamed through pinned staging buffers: see _cuda.py
         from ray_zerocopy._cuda import copy_to_device
 
         return copy_to_device(buf, device)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ray_zerocopy.bench import main, parse_options
 from ray_zerocopy.plugins import backend_names, get_backend
@@ -90,3 +91,23 @@ def test_bad_options_exit_2_naming_the_value(argv: list[str], needle: str, capsy
 def test_selection_keeps_table_order_and_expands_ours() -> None:
     opts = parse_options(["--approaches", "torch_load,ours,classic", "--backends", "object_store"])
     assert opts.approaches == ["rzc:object_store", "classic", "torch_load"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible; runs on a GPU machine")
+@pytest.mark.parametrize("share_gpu", [False, True])
+def test_four_actors_load_together_on_one_gpu(tmp_path: Path, share_gpu: bool) -> None:
+    """``--device cuda --together``: 4 actors on one GPU (num_gpus=0.25) load at the same moment, private
+    device copies or (``--share-gpu``) one shared copy; the aggregate figures are reported."""
+    args = ["--model", "gpt2-small", "--dtype", "bfloat16", "--device", "cuda", "--actors", "4", "--together",
+            "--approaches", "ours,ray_put", "--repeats", "2", "--fast-repeats", "0"]
+    proc, data = _bench(tmp_path, *args, *(["--share-gpu"] if share_gpu else []))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model_bytes = data["meta"]["model_bytes"]
+    for r in data["results"]:
+        assert r["ok"], f"{r['name']}: {r['error']}"
+        assert r["cold_together_actors"] == 4 and r["together_cold_gbps"] > 0 and r["together_warm_gbps"] > 0, r
+        if r["kind"] == "ours":
+            assert r["max_abs_diff"] == 0.0, r["name"]
+            limit = 2 * model_bytes if share_gpu else 5 * model_bytes  # the holder's copy, or four private ones
+            assert model_bytes <= r["device_added_bytes"] < limit, (r["name"], r["device_added_bytes"], model_bytes)
+    print(proc.stdout)
