@@ -5,9 +5,8 @@ CUDA driver bounce every byte through a small pinned buffer of its own, on one t
 of what pinned memory reaches. Here a few worker threads copy chunks of the buffer into a small
 ring of pinned staging buffers (a CPU copy releases the GIL) while the GPU drains the full ones:
 bounded extra host memory (two buffers a thread), no second copy of the model. The ring is ordinary
-memory pinned with ``cudaHostRegister`` (much cheaper than ``cudaHostAlloc``), slot by slot in a
-background thread that a load starts as it begins (:func:`warm_ring`), so the copy starts on the
-first pinned slot; it stays pinned for the process's next load. Pinning the object store's pages
+memory pinned with ``cudaHostRegister`` (much cheaper than ``cudaHostAlloc``) in a background thread
+that a load starts as it begins (:func:`warm_ring`); it stays pinned for the process's next load. Pinning the object store's pages
 in place instead, and copying straight from them, was measured slower (the README has the figures).
 
 Any pinning failure falls back, with one log line, to pinned memory from torch's allocator, then to
@@ -48,10 +47,11 @@ class PinError(RuntimeError):
 
 def settings(threads: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(staging threads, staging chunk bytes): explicit values, else the environment, else the defaults:
-    ``min(6, cpu_count)`` threads and 8 MiB buffers (the copy is memory-bound and short: a burst of a
-    few threads is what makes a load fast; more threads, and 4 or 16 MiB buffers, measured slower)."""
+    ``min(6, cpu_count)`` threads and 4 MiB buffers (the copy is memory-bound and short: a burst of a
+    few threads is what makes a load fast; 8 or 10 threads measured slower; 8 MiB buffers make reloads
+    faster but a first load slower, as the larger ring takes twice as long to pin)."""
     threads = threads or int(os.environ.get(THREADS_ENV) or 0) or min(6, os.cpu_count() or 1)
-    chunk_bytes = chunk_bytes or int(float(os.environ.get(CHUNK_ENV) or 0) * (1 << 20)) or (8 << 20)
+    chunk_bytes = chunk_bytes or int(float(os.environ.get(CHUNK_ENV) or 0) * (1 << 20)) or (4 << 20)
     return max(1, threads), max(1 << 16, chunk_bytes)
 
 
@@ -71,7 +71,7 @@ def copy_to_device(
         route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``) and ``staged`` copy through the pinned
             ring (see the module docstring); ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
-        chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 8 MiB).
+        chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
 
     Returns:
         A new uint8 tensor on ``device`` with the same bytes (the copy has finished).
@@ -150,10 +150,12 @@ def _get_cudart() -> _Cudart:
 
 class _Ring:
     """``nbuf`` staging buffers of ``chunk_bytes``: ordinary memory on a 2 MiB boundary, advised to use huge
-    pages, pinned slot by slot with cudaHostRegister by a thread of its own, so that a copy can start on
-    the first slot while the others are pinned (pinning the whole 96 MiB at once took 19 ms on the H200,
-    a quarter of a 1.5 GB first load). Where registering fails: torch's pinned allocator, else pageable
-    buffers (slow, correct)."""
+    pages, pinned with one cudaHostRegister call by a thread of its own (started as a load begins, so the
+    pinning overlaps fetching the payload). Where registering fails: torch's pinned allocator, else
+    pageable buffers (slow, correct).
+
+    Pinning slot by slot while the first slots are already copied was measured slower on the H200
+    (first loads 13.8 against 16.6 GB/s): registering memory holds up the other threads' CUDA calls."""
 
     def __init__(self, device: torch.device, nbuf: int, chunk_bytes: int) -> None:
         self.shape = (nbuf, chunk_bytes)
@@ -161,47 +163,33 @@ class _Ring:
         skip = -raw.data_ptr() % _PAGE
         self.buf = raw[skip : skip + nbuf * chunk_bytes].view(nbuf, chunk_bytes)
         _advise_huge_pages(self.buf.data_ptr(), self.buf.nbytes)
-        self.pinned = 0  # the first `pinned` slots are registered
-        self.done = False  # the pinning thread has finished (or given up)
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._pin_all, args=(device,), name="rzc-ring", daemon=True)
+        self.pinned = False  # registered with cudaHostRegister (by the thread)
+        self.thread = threading.Thread(target=self._pin, args=(device,), name="rzc-ring", daemon=True)
         self.thread.start()
 
-    def _pin_all(self, device: torch.device) -> None:
+    def _pin(self, device: torch.device) -> None:
         try:
             torch.cuda.set_device(device)  # (the runtime's current device is per thread)
-            cudart = _get_cudart()
-            for slot in self.buf:
-                cudart.pin(slot.data_ptr(), slot.nbytes, flags=_PORTABLE)  # written by the CPU: not read-only
-                with self.cond:
-                    self.pinned += 1
-                    self.cond.notify_all()
+            _get_cudart().pin(self.buf.data_ptr(), self.buf.nbytes, flags=_PORTABLE)  # written by the CPU
+            self.pinned = True
         except Exception as exc:  # PinError, no libcudart, a CUDA error
-            if self.pinned:
-                warn_once(f"pinning the staging buffers stopped ({exc}); the rest are copied pageable (slower)")
-            else:
-                warn_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
-                try:
-                    self.buf = torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
-                except RuntimeError as exc2:  # memlock limits, out of memory
-                    warn_once(f"pinned staging buffers could not be allocated ({exc2}); using plain pageable copies")
-        finally:
-            with self.cond:
-                self.done = True
-                self.cond.notify_all()
+            warn_once(f"pinning the staging buffers failed ({exc}); allocating pinned memory instead")
+            try:
+                self.buf = torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc2:  # memlock limits, out of memory
+                warn_once(f"pinned staging buffers could not be allocated ({exc2}); using plain pageable copies")
 
-    def slot(self, index: int) -> torch.Tensor:
-        """Staging buffer ``index``, once it is pinned (or pinning has given up: then as it is)."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.done or self.pinned > index)
-        return self.buf[index]
+    def ready(self) -> torch.Tensor:
+        """The buffers, once pinned (or once pinning has given up: then as they are)."""
+        self.thread.join()
+        return self.buf
 
     def release(self) -> None:
-        """Unpin every slot (once the pinning thread has ended)."""
+        """Unpin the buffers (once the pinning thread has ended)."""
         self.thread.join()
-        for slot in self.buf[: self.pinned]:
-            _get_cudart().unregister(slot.data_ptr())
-        self.pinned = 0
+        if self.pinned:
+            _get_cudart().unregister(self.buf.data_ptr())
+            self.pinned = False
 
 
 _kept_ring: list[_Ring] = []  # the process's ring, kept pinned for its next load
@@ -260,15 +248,15 @@ def _stream_through(ring: _Ring, src: torch.Tensor, dst: torch.Tensor, threads: 
     """Worker threads fill the ring's buffers from the front of ``src``; the GPU copies each one as soon
     as it is full, and the buffer is refilled once that copy has finished."""
     nbuf, chunk_bytes = ring.shape
+    staging = ring.ready()
     starts = iter(range(0, src.numel(), chunk_bytes))
     stream = _side_stream(dst)
     pending: deque[tuple[Any, int, int, int]] = deque()  # (fill future, slot, lo, hi) in DMA order
 
     def fill(slot: int, lo: int, hi: int, free: Any) -> torch.Tensor:
-        staging = ring.slot(slot)[: hi - lo]
         if free is not None:
             free.synchronize()  # the GPU has finished reading this buffer (releases the GIL)
-        return staging.copy_(src[lo:hi])
+        return staging[slot, : hi - lo].copy_(src[lo:hi])
 
     def submit(slot: int, free: Any) -> None:
         lo = next(starts, None)
