@@ -1,5 +1,15 @@
 """Shared fixtures: one local Ray for the session, and every registered backend as a parameter.
 
+Tiers (see the README's "Development" part):
+- unit tests (``@pytest.mark.unit``): no Ray at all, seconds; ``pytest -m unit``.
+- per backend: a test that takes the ``backend`` fixture runs once per registered backend. Only the
+  conformance kit (test_conformance.py) and tests about how a backend differs (its own format, the GPU
+  paths, in-place writes into its mappings, its payload's lifetime) take it; every other integration
+  test uses the default backend (``object_store``).
+- slow tests (``@pytest.mark.slow``: big models, pressure, Serve, examples, the benchmark, waits of
+  tens of seconds) are deselected by default (``addopts`` in pyproject.toml): ``pytest -m slow``
+  runs them, ``pytest -m ""`` runs everything.
+
 The fake test transport (tests/fake_backend_plugin) is pip-installed into a temporary
 folder at session start: a real distribution with a real ``ray_zerocopy`` entry point,
 visible to the driver (sys.path) and to every Ray worker (PYTHONPATH, inherited).
@@ -50,6 +60,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         names = backend_names()
         assert FAKE_BACKEND in names, f"the fake test backend did not register: {names}"
         metafunc.parametrize("backend", names)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request: pytest.FixtureRequest):
+    """A test marked ``unit`` must not start Ray in this process (it would not be a unit test)."""
+    if request.node.get_closest_marker("unit") is None or ray.is_initialized():
+        yield
+        return
+    yield
+    assert not ray.is_initialized(), f"{request.node.nodeid} is marked unit but started Ray"
+
+
+RAY_FIXTURES = {"ray_session", "ray_local", "ray_gpu"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("unit") and RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but uses a Ray fixture")
 
 
 def start_local_ray() -> None:

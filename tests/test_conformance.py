@@ -54,6 +54,15 @@ class CopiesButClaimsZeroCopy(ObjectStoreBackend):
         return {k: t.clone() for k, t in super().get(payload, device).items()}
 
 
+class WritesItsInput(ObjectStoreBackend):
+    name = "kit_writes_input"
+
+    def put(self, weights):
+        payload = super().put(weights)
+        weights["matrix"].zero_()  # the caller's tensor: the user's model
+        return payload
+
+
 class FlipsABit(ObjectStoreBackend):
     name = "kit_flips"
     zero_copy = False
@@ -89,6 +98,7 @@ class PackedUnderAnotherName(PackedBackend):
 
 @pytest.mark.parametrize("cls, words", [
     (CopiesButClaimsZeroCopy, "zero_copy=True, but"),
+    (WritesItsInput, "put\\(\\) changed its input tensor 'matrix'"),
     (FlipsABit, "differs"),
     (AcceptsGarbage, "returned a dict instead of raising"),
 ])
@@ -133,6 +143,7 @@ def example_distribution() -> importlib.metadata.Distribution:
         pytest.skip(f"{EXAMPLE_DIST} is not installed here (CI installs it: pip install examples/custom_backend)")
 
 
+@pytest.mark.unit
 def test_example_entry_point_is_found_when_installed():
     dist = example_distribution()
     eps = [(ep.name, ep.value) for ep in dist.entry_points if ep.group == "ray_zerocopy"]

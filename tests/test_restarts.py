@@ -46,8 +46,8 @@ class Scorer:
             return os.getpid(), self.model(ids)
 
 
-def test_actor_restart_reloads_and_finishes_every_row(ray_local, backend, capsys):
-    ref = prepare_model_for_actors(zoo_model("hard_cases"), backend=backend)
+def test_actor_restart_reloads_and_finishes_every_row(ray_local, capsys):
+    ref = prepare_model_for_actors(zoo_model("hard_cases"))
     ids = zoo_input(batch=ROWS, seed=3)
     expected = ray.get(_expected.remote(ref, ids))
     flag = tempfile.mktemp(prefix="rzc-crash-")
@@ -60,7 +60,7 @@ def test_actor_restart_reloads_and_finishes_every_row(ray_local, backend, capsys
     rows_before = sum(len(out) for _, out in before)
     rows_after = sum(len(out) for _, out in before + after)
     with capsys.disabled():
-        print(f"\n[{backend}] actor restart: {rows_before} rows before the kill, {rows_after}/{ROWS} after")
+        print(f"\nactor restart: {rows_before} rows before the kill, {rows_after}/{ROWS} after")
     assert not os.path.exists(flag), "the actor never crashed"
     assert {pid for pid, _ in before}.isdisjoint({pid for pid, _ in after})  # a new process reloaded the model
     assert rows_after == ROWS
@@ -107,8 +107,8 @@ def test_ray_data_actor_pool_survives_a_crash(ray_local, capsys):
 class Owner:
     """Prepares the model in its own process, so it owns the weights; killing it loses them."""
 
-    def prepare(self, backend: str):
-        return prepare_model_for_actors(zoo_model("hard_cases"), backend=backend)
+    def prepare(self):
+        return prepare_model_for_actors(zoo_model("hard_cases"))
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -117,13 +117,13 @@ def _load(ref) -> str:
     return "loaded"
 
 
-def test_weights_gone_when_owner_died(ray_local, backend):
+def test_weights_gone_when_owner_died(ray_local):
     owner = Owner.remote()
-    ref = ray.get(owner.prepare.remote(backend))
+    ref = ray.get(owner.prepare.remote())
     assert ray.get(_load.remote(ref)) == "loaded"
     ray.kill(owner)
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(owner.prepare.remote(backend), timeout=60)  # the owner is dead now
+        ray.get(owner.prepare.remote(), timeout=60)  # the owner is dead now
     deadline = time.monotonic() + 60
     with pytest.raises(WeightsLostError) as info:
         while time.monotonic() < deadline:  # Ray frees a dead owner's objects asynchronously
