@@ -3,9 +3,11 @@
 Tiers (see the README's "Development" part):
 - unit tests (``@pytest.mark.unit``): no Ray at all, seconds; ``pytest -m unit``.
 - per backend: a test that takes the ``backend`` fixture runs once per registered backend. Only the
-  conformance kit (test_conformance.py) and tests about how a backend differs (its own format, the GPU
-  paths, in-place writes into its mappings, its payload's lifetime) take it; every other integration
-  test uses the default backend (``object_store``).
+  conformance kit (test_conformance.py) and tests about how a backend differs (the GPU paths, in-place
+  writes into its mappings) take it; every other integration test uses the default backend
+  (``object_store``). A test marked ``other_backends_slow`` (where Ray moves or loses a backend's
+  objects: several nodes, a dead owner, a put from checkpoint files) takes ``backend`` too, but runs
+  on the other backends only in the slow tier.
 - slow tests (``@pytest.mark.slow``: big models, pressure, Serve, examples, the benchmark, waits of
   tens of seconds) are deselected by default (``addopts`` in pyproject.toml): ``pytest -m slow``
   runs them, ``pytest -m ""`` runs everything.
@@ -28,6 +30,7 @@ import ray
 
 HERE = Path(__file__).parent
 FAKE_BACKEND = "fake_per_tensor"
+DEFAULT_BACKEND = "object_store"
 # address="local": never join a cluster that someone started on this machine with `ray start`
 RAY_INIT = dict(address="local", num_cpus=8, object_store_memory=1536 * 1024**2, include_dashboard=False, log_to_driver=False)
 
@@ -59,6 +62,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
         names = backend_names()
         assert FAKE_BACKEND in names, f"the fake test backend did not register: {names}"
+        if metafunc.definition.get_closest_marker("other_backends_slow"):
+            names = [n if n == DEFAULT_BACKEND else pytest.param(n, marks=pytest.mark.slow) for n in names]
         metafunc.parametrize("backend", names)
 
 

@@ -107,8 +107,8 @@ def test_ray_data_actor_pool_survives_a_crash(ray_local, capsys):
 class Owner:
     """Prepares the model in its own process, so it owns the weights; killing it loses them."""
 
-    def prepare(self):
-        return prepare_model_for_actors(zoo_model("hard_cases"))
+    def prepare(self, backend: str):
+        return prepare_model_for_actors(zoo_model("hard_cases"), backend=backend)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -117,13 +117,14 @@ def _load(ref) -> str:
     return "loaded"
 
 
-def test_weights_gone_when_owner_died(ray_local):
+@pytest.mark.other_backends_slow  # each backend's get must let Ray's lost-object error through
+def test_weights_gone_when_owner_died(ray_local, backend):
     owner = Owner.remote()
-    ref = ray.get(owner.prepare.remote())
+    ref = ray.get(owner.prepare.remote(backend))
     assert ray.get(_load.remote(ref)) == "loaded"
     ray.kill(owner)
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(owner.prepare.remote(), timeout=60)  # the owner is dead now
+        ray.get(owner.prepare.remote(backend), timeout=60)  # the owner is dead now
     deadline = time.monotonic() + 60
     with pytest.raises(WeightsLostError) as info:
         while time.monotonic() < deadline:  # Ray frees a dead owner's objects asynchronously
