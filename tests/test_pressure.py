@@ -72,6 +72,24 @@ def test_model_larger_than_free_store_spills_and_loads(small_store):
     assert ray.get(filler, timeout=TIMEOUT).sum() == 100 * MB  # the spilled filler comes back intact
 
 
+def _mapped_file(ptr: int) -> str:
+    """The file behind the mapping of this process that holds address ``ptr``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5].strip() if len(parts) == 6 else ""
+    return ""
+
+
+@ray.remote(num_cpus=1)
+def _files_of(ref, small) -> tuple[str, str]:
+    """(file behind the loaded weights, file behind a small object: the store's own file)."""
+    model = load_model_in_actor(ref)
+    return _mapped_file(model[0].weight.data_ptr()), _mapped_file(ray.get(small[0]).ctypes.data)
+
+
 def test_model_larger_than_whole_store_loads_through_the_fallback_allocation(small_store):
     model = _model(4096, 3)  # 201 MB > the 150 MB store
     nbytes = sum(p.nbytes for p in model.parameters())
@@ -79,3 +97,6 @@ def test_model_larger_than_whole_store_loads_through_the_fallback_allocation(sma
     ref = prepare_model_for_actors(model)  # no ObjectStoreFullError: Ray allocates it outside the store
     assert ref.nbytes == nbytes
     _check_loads(model, ref)
+    weights_file, store_file = ray.get(_files_of.remote(ref, [ray.put(np.ones(1024, np.uint8))]), timeout=TIMEOUT)
+    # still zero copy, from a file of Ray's fallback allocation (the store's own file is another)
+    assert "plasma" in weights_file and "plasma" in store_file and weights_file != store_file, (weights_file, store_file)
