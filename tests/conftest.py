@@ -1,5 +1,17 @@
 """Shared fixtures: one local Ray for the session, and every registered backend as a parameter.
 
+Tiers (see the README's "Development" part):
+- unit tests (``@pytest.mark.unit``): no Ray at all, seconds; ``pytest -m unit``.
+- per backend: a test that takes the ``backend`` fixture runs once per registered backend. Only the
+  conformance kit (test_conformance.py) and tests about how a backend differs (the GPU paths, in-place
+  writes into its mappings) take it; every other integration test uses the default backend
+  (``object_store``). A test marked ``other_backends_slow`` (where Ray moves or loses a backend's
+  objects: several nodes, a dead owner, a put from checkpoint files) takes ``backend`` too, but runs
+  on the other backends only in the slow tier.
+- slow tests (``@pytest.mark.slow``: big models, pressure, Serve, examples, the benchmark, waits of
+  tens of seconds) are deselected by default (``addopts`` in pyproject.toml): ``pytest -m slow``
+  runs them, ``pytest -m ""`` runs everything.
+
 The fake test transport (tests/fake_backend_plugin) is pip-installed into a temporary
 folder at session start: a real distribution with a real ``ray_zerocopy`` entry point,
 visible to the driver (sys.path) and to every Ray worker (PYTHONPATH, inherited).
@@ -18,6 +30,7 @@ import ray
 
 HERE = Path(__file__).parent
 FAKE_BACKEND = "fake_per_tensor"
+DEFAULT_BACKEND = "object_store"
 # address="local": never join a cluster that someone started on this machine with `ray start`
 RAY_INIT = dict(address="local", num_cpus=8, object_store_memory=1536 * 1024**2, include_dashboard=False, log_to_driver=False)
 
@@ -49,7 +62,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
         names = backend_names()
         assert FAKE_BACKEND in names, f"the fake test backend did not register: {names}"
+        if metafunc.definition.get_closest_marker("other_backends_slow"):
+            names = [n if n == DEFAULT_BACKEND else pytest.param(n, marks=pytest.mark.slow) for n in names]
         metafunc.parametrize("backend", names)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request: pytest.FixtureRequest):
+    """A test marked ``unit`` must not start Ray in this process (it would not be a unit test)."""
+    if request.node.get_closest_marker("unit") is None or ray.is_initialized():
+        yield
+        return
+    yield
+    assert not ray.is_initialized(), f"{request.node.nodeid} is marked unit but started Ray"
+
+
+RAY_FIXTURES = {"ray_session", "ray_local", "ray_gpu"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("unit") and RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but uses a Ray fixture")
 
 
 def start_local_ray() -> None:

@@ -71,6 +71,7 @@ def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_pa
     assert "FAILED" in proc.stdout
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -88,6 +89,7 @@ def test_bad_options_exit_2_naming_the_value(argv: list[str], needle: str, capsy
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_selection_keeps_table_order_and_expands_ours() -> None:
     opts = parse_options(["--approaches", "torch_load,ours,classic", "--backends", "object_store"])
     assert opts.approaches == ["rzc:object_store", "classic", "torch_load"]

@@ -61,6 +61,7 @@ def _run_loaded(ref) -> tuple[torch.Tensor, bool, list[str]]:
     return logits, model.lm_head.weight is model.model.embed_tokens.weight, on_meta
 
 
+@pytest.mark.other_backends_slow  # each backend's put reads the checkpoint's file-backed tensors
 def test_sharded_checkpoint_matches_from_pretrained(ray_local, backend, llama_dir):
     expected = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
     with torch.no_grad():

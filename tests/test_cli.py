@@ -33,6 +33,7 @@ def rows(stdout: str) -> dict[str, tuple[str, str]]:
     return {cells[0]: (cells[1], " ".join(cells[2:])) for cells in (line.split() for line in table[1:])}
 
 
+@pytest.mark.unit
 def test_lists_every_backend_with_plugin_and_distribution():
     out = list_backends()
     assert out.returncode == 0, out.stderr
@@ -44,6 +45,7 @@ def test_lists_every_backend_with_plugin_and_distribution():
     assert f"{len(found)} backend(s)" in out.stdout
 
 
+@pytest.mark.unit
 def test_example_package_is_listed_when_installed():
     try:
         version = importlib.metadata.version("rzc-safetensors-file")
@@ -52,6 +54,7 @@ def test_example_package_is_listed_when_installed():
     assert rows(list_backends().stdout)["safetensors_file"] == ("safetensors_file", f"rzc-safetensors-file {version}")
 
 
+@pytest.mark.unit
 def test_env_var_turns_entry_point_autoload_off():
     out = list_backends(disable_autoload=True)
     assert out.returncode == 0, out.stderr
@@ -61,11 +64,13 @@ def test_env_var_turns_entry_point_autoload_off():
     assert "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD=1" in out.stdout
 
 
+@pytest.mark.unit
 def test_extra_arguments_are_refused():
     out = list_backends("--all")
     assert out.returncode == 2 and "'backends' takes no arguments" in out.stderr
 
 
+@pytest.mark.unit
 def test_bench_help_shows_the_bench_options():
     out = subprocess.run([sys.executable, "-m", "ray_zerocopy", "bench", "--help"], capture_output=True, text=True,
                          timeout=120)

@@ -54,6 +54,16 @@ class CopiesButClaimsZeroCopy(ObjectStoreBackend):
         return {k: t.clone() for k, t in super().get(payload, device).items()}
 
 
+class WritesItsInput(ObjectStoreBackend):
+    name = "kit_writes_input"
+
+    def put(self, weights):
+        payload = super().put(weights)
+        if "matrix" in weights:  # the kit's dtype zoo (the caller's tensors: in real use, the user's model)
+            weights["matrix"].zero_()
+        return payload
+
+
 class FlipsABit(ObjectStoreBackend):
     name = "kit_flips"
     zero_copy = False
@@ -83,12 +93,22 @@ class CrashesOrHangs(ObjectStoreBackend):
         return super().get(payload, device)
 
 
+class CrashesOnGarbage(ObjectStoreBackend):
+    name = "kit_crashes_only"
+
+    def get(self, payload, device):
+        if not isinstance(payload, ObjectStorePayload):
+            os._exit(3)
+        return super().get(payload, device)
+
+
 class PackedUnderAnotherName(PackedBackend):
     name = "kit_packed"
 
 
 @pytest.mark.parametrize("cls, words", [
     (CopiesButClaimsZeroCopy, "zero_copy=True, but"),
+    (WritesItsInput, "put\\(\\) changed its input tensor 'matrix'"),
     (FlipsABit, "differs"),
     (AcceptsGarbage, "returned a dict instead of raising"),
 ])
@@ -99,6 +119,17 @@ def test_kit_reports_wrong_results(ray_local, cls, words):
     assert cls.name not in backend_names()  # the kit unregistered it again
 
 
+def test_kit_reports_crash(ray_local):
+    """The crash half of the next test, without its 45 s wait for the hang (default tier)."""
+    with pytest.raises(AssertionError) as info:
+        check_backend(CrashesOnGarbage.name, plugin=_Plugin(CrashesOnGarbage), models=("hard_cases",))
+    message = str(info.value)
+    assert "bad payload 42: crashed the worker process" in message and "bad payload None: crashed" in message
+    assert "model hard_cases" not in message and "dtype round trip" not in message
+    assert CrashesOnGarbage.name not in backend_names()
+
+
+@pytest.mark.slow  # waits out the 45 s timeout of the hanging payload
 def test_kit_reports_crash_and_hang(ray_local):
     with pytest.raises(AssertionError) as info:
         check_backend(CrashesOrHangs.name, plugin=_Plugin(CrashesOrHangs), models=("hard_cases",), timeout_s=45)
@@ -133,6 +164,7 @@ def example_distribution() -> importlib.metadata.Distribution:
         pytest.skip(f"{EXAMPLE_DIST} is not installed here (CI installs it: pip install examples/custom_backend)")
 
 
+@pytest.mark.unit
 def test_example_entry_point_is_found_when_installed():
     dist = example_distribution()
     eps = [(ep.name, ep.value) for ep in dist.entry_points if ep.group == "ray_zerocopy"]

@@ -110,6 +110,7 @@ except ray_zerocopy.DuplicateBackendError as exc:
 """
 
 
+@pytest.mark.unit
 def test_duplicate_backend_name_names_both_plugins():
     out = subprocess.run([sys.executable, "-c", DUPLICATE], capture_output=True, text=True, timeout=120)
     assert "DuplicateBackendError" in out.stdout, out.stderr[-2000:]

@@ -109,6 +109,7 @@ def test_staging_ring_is_kept_for_the_next_load_and_let_go_when_settings_change(
     assert cudart.unregister(kept.buf.data_ptr()) == 0
 
 
+@pytest.mark.unit
 @needs_cuda
 def test_copy_rejects_non_byte_buffers():
     from ray_zerocopy._cuda import copy_to_device
@@ -241,9 +242,10 @@ def test_ray_data_map_batches_with_gpu_actors(ray_gpu, backend):
 # ---------------------------------------------------------------- dtype= without a GPU
 
 
-def test_dtype_on_cpu_converts_floats_keeps_ties(ray_local, backend):
+def test_dtype_on_cpu_converts_floats_keeps_ties(ray_local):
+    """(The conversion happens after the backend's get, the same code for every backend.)"""
     model = zoo_model("hard_cases")
-    ref = prepare_model_for_actors(model, backend=backend)
+    ref = prepare_model_for_actors(model)
     loaded = load_model_in_actor(ref, dtype=torch.bfloat16)
     expected = _state(model)
     for name, t in _state(loaded).items():

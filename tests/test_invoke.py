@@ -37,10 +37,10 @@ def _reference(pipeline, ids):
         return pipeline(ids)
 
 
-def test_rewrite_pipeline_runs_models_in_tasks(ray_local, backend):
+def test_rewrite_pipeline_runs_models_in_tasks(ray_local):
     pipeline = Pipeline()
     ids = zoo_input()
-    remote = rewrite_pipeline(pipeline, method_names=("__call__", "embed"), backend=backend)
+    remote = rewrite_pipeline(pipeline, method_names=("__call__", "embed"))
     assert isinstance(remote.encoder, RemoteModel) and remote.tag == "kept"
     assert isinstance(pipeline.encoder, Encoder), "the caller's pipeline must not be modified"
     pred, emb = remote(ids)
@@ -54,7 +54,10 @@ def test_shim_of_a_bare_model_and_async_calls(ray_local):
     ids = zoo_input()
     futures = [shim.call_async("__call__", ids) for _ in range(3)]
     outs = ray.get(futures)
-    assert all(torch.equal(o, outs[0]) for o in outs) and outs[0].shape == (3, 1000)
+    expected = ray.get(_reference.remote(model, ids))  # the model itself, in the same kind of worker
+    assert expected.shape == (3, 1000)
+    assert all(torch.equal(o, expected) for o in outs)
+    assert torch.equal(shim(ids), expected)  # the synchronous call too
 
 
 def test_unexposed_method_is_refused_with_the_fix(ray_local):

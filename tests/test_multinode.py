@@ -85,6 +85,7 @@ def _model() -> nn.Module:
     return nn.Sequential(*(nn.Sequential(nn.Linear(1024, 1024), nn.GELU()) for _ in range(4))).eval()  # 16.8 MB
 
 
+@pytest.mark.other_backends_slow  # Ray moves each backend's objects between nodes
 def test_one_copy_per_node_and_correct_outputs(cluster, backend):
     model = _model()
     ref = prepare_model_for_actors(model, backend=backend)

@@ -7,10 +7,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = ["object_store.py", "safetensors_blob.py", "packed.py"]
 
 
+@pytest.mark.unit
 def test_wheel_ships_backends_under_the_package(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",

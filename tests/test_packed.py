@@ -19,6 +19,7 @@ def bits(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.unit
 def test_layout_aligns_every_tensor_and_never_overlaps():
     weights = dtype_zoo()
     index, nbytes = packed.layout(weights)
@@ -31,6 +32,7 @@ def test_layout_aligns_every_tensor_and_never_overlaps():
     assert ends <= nbytes and nbytes % packed.ALIGN == 0
 
 
+@pytest.mark.unit
 def test_pack_is_exact_deterministic_and_zero_padded():
     weights = dtype_zoo()
     index, nbytes = packed.layout(weights)
@@ -105,6 +107,7 @@ def with_entry(i: int, **change) -> tuple:
     return INDEX[:i] + (tuple(fields.values()),) + INDEX[i + 1 :]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("index, words", [
     (with_entry(8, offset=NBYTES), "runs past"),
     (with_entry(8, offset=INDEX[8][3] + 4), "unaligned"),
@@ -121,12 +124,14 @@ def test_bad_index_raises_payload_error_naming_the_tensor(index, words):
     assert info.value.tensor == INDEX[8][0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("index", [list(INDEX), INDEX[:3] + (("x", "float32"),), INDEX[:2] + ((1, 2, 3, 4, 5),)])
 def test_malformed_index_raises_payload_error(index):
     with pytest.raises(PayloadError):
         packed.check_index(index, NBYTES)
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=2000)
 @given(st.integers(0, len(INDEX) - 1), st.sampled_from(["dtype", "shape", "offset", "size"]),
        st.one_of(st.none(), st.integers(-2**70, 2**70), st.text(max_size=6),

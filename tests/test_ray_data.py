@@ -68,9 +68,9 @@ def _check(out: list[dict], expected: np.ndarray) -> None:
     np.testing.assert_array_equal(got, expected)
 
 
-def test_map_batches_actor_pool(ray_local, backend):
+def test_map_batches_actor_pool(ray_local):
     model = zoo_model("hard_cases")
-    ref = prepare_model_for_actors(model, backend=backend)
+    ref = prepare_model_for_actors(model)
     ds = _rows()
     out = ds.map_batches(
         InferenceActor, fn_constructor_kwargs={"model_ref": ref, "device": "cpu"},
@@ -84,9 +84,9 @@ def test_map_batches_actor_pool(ray_local, backend):
     _check(out, ray.get(_expected.remote(predict, ds.take_all())))
 
 
-def test_map_batches_pipeline(ray_local, backend):
+def test_map_batches_pipeline(ray_local):
     pipeline = Pipeline()
-    skeleton, refs = rewrite_pipeline_for_actors(pipeline, backend=backend)
+    skeleton, refs = rewrite_pipeline_for_actors(pipeline)
     assert skeleton.encoder is None and skeleton.offset == 3 and set(refs) == {"encoder", "reranker"}
     assert pipeline.encoder is not None, "the caller's pipeline must not be modified"
     ds = _rows()

@@ -43,12 +43,14 @@ def tensor_dicts(draw, dtypes=SHARED):
     return out
 
 
+@pytest.mark.unit
 @settings(max_examples=150, deadline=None)
 @given(tensor_dicts())
 def test_blob_is_byte_identical_to_safetensors_save(tensors):
     assert bytes(sb.write_blob(tensors)) == save(tensors)
 
 
+@pytest.mark.unit
 def test_blob_of_real_model_weights_is_byte_identical_and_loadable():
     weights = split_model(zoo_model("bert")).weights
     blob = sb.write_blob(weights)
@@ -57,6 +59,7 @@ def test_blob_of_real_model_weights_is_byte_identical_and_loadable():
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
 
 
+@pytest.mark.unit
 def test_safetensors_load_reads_every_shared_dtype():
     tensors = dtype_zoo() | {str(d): torch.zeros(3, dtype=d) for d in SHARED}
     loaded = load(bytes(sb.write_blob(tensors)))
@@ -64,6 +67,7 @@ def test_safetensors_load_reads_every_shared_dtype():
         {k: (t.dtype, t.shape, bits(t)) for k, t in tensors.items()}
 
 
+@pytest.mark.unit
 @settings(max_examples=100, deadline=None)
 @given(tensor_dicts(SHARED + [torch.float8_e8m0fnu]))
 def test_views_are_aligned_in_place_and_exact(tensors):
@@ -80,6 +84,7 @@ def test_views_are_aligned_in_place_and_exact(tensors):
             assert (t.data_ptr() - lo) % t.element_size() == 0
 
 
+@pytest.mark.unit
 def test_header_is_padded_to_8_bytes():
     blob = sb.write_blob({"a": torch.zeros(1, dtype=torch.int8), "b": torch.zeros(1, dtype=torch.float64)})
     n = int.from_bytes(bytes(blob[:8]), "little")
@@ -99,6 +104,7 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
     return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("header, data, tensor, words", [
     ({"w": entry(offsets=(0, 16))}, bytes(8), "w", "outside the data section"),
     ({"w": entry(offsets=(4, 2))}, bytes(8), "w", "outside the data section"),
@@ -122,6 +128,7 @@ def test_bad_header_raises_payload_error_naming_the_tensor(header, data, tensor,
     assert info.value.tensor == tensor
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("blob, words", [
     (np.zeros(5, np.uint8), "shorter than"),
     (np.frombuffer((10**12).to_bytes(8, "little") + b"{}", np.uint8), "header length"),
@@ -136,6 +143,7 @@ def test_bad_blob_raises_payload_error(blob, words):
         sb.parse_blob(blob)
 
 
+@pytest.mark.unit
 def test_duplicate_name_is_rejected():
     raw = b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
     raw += b" " * (-len(raw) % 8)
@@ -144,6 +152,7 @@ def test_duplicate_name_is_rejected():
     assert info.value.tensor == "w"
 
 
+@pytest.mark.unit
 def test_unpadded_foreign_header_is_rejected_not_misviewed():
     blob = blob_with_header({"w": entry()}, bytes(8), pad=False)
     assert (8 + int.from_bytes(bytes(blob[:8]), "little")) % 4  # the data section starts unaligned
@@ -152,6 +161,7 @@ def test_unpadded_foreign_header_is_rejected_not_misviewed():
     assert info.value.tensor == "w"
 
 
+@pytest.mark.unit
 def test_metadata_is_ignored_and_reserved():
     blob = blob_with_header({"__metadata__": {"format": "pt"}, "w": entry()}, bytes(8))
     assert [e[0] for e in sb.parse_blob(blob)[1]] == ["w"]
@@ -175,6 +185,7 @@ GOOD = sb.write_blob(dtype_zoo())
 HEADER_END = 8 + int.from_bytes(bytes(GOOD[:8]), "little")
 
 
+@pytest.mark.unit
 @settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, HEADER_END - 1), st.integers(0, 255)), min_size=1, max_size=8))
 def test_random_header_corruption_never_crashes(flips):
@@ -184,6 +195,7 @@ def test_random_header_corruption_never_crashes(flips):
     check_parse_is_safe(blob)
 
 
+@pytest.mark.unit
 @settings(max_examples=200, deadline=2000)
 @given(st.integers(0, len(GOOD) - 1))
 def test_truncation_raises_payload_error(length):
@@ -191,6 +203,7 @@ def test_truncation_raises_payload_error(length):
         sb.parse_blob(GOOD[:length].copy())
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=2000)
 @given(st.data())
 def test_random_header_edits_never_crash(data):
@@ -228,6 +241,7 @@ def test_tampered_blob_in_object_store_raises_payload_error_in_worker(ray_local)
         ray.get(_get.remote(sb.SafetensorsPayload(ray.put(GOOD[:16].copy()), len(GOOD))))
 
 
+@pytest.mark.unit
 def test_unsupported_dtype_is_refused_in_the_driver():
     model = torch.nn.Module()
     model.register_buffer("z", torch.zeros(2, dtype=torch.complex128))

@@ -175,9 +175,11 @@ def wait_for_store(target: int, timeout_s: float = 30) -> int:
 
 
 def test_weights_leave_the_store_after_redeploy_and_shutdown(serve_port):
-    base = store_used()
     v1, v2 = mlp(1), mlp(2)
     size = sum(p.nbytes for p in v1.parameters())
+    # the previous test's model leaves the store a few seconds after its serve.shutdown() (its keeper's
+    # grace period): a base read before that would drop by a model under this test's feet
+    base = wait_for_store(size // 2, timeout_s=60)
     rows = torch.randn(2, WIDTH).tolist()
     ref1 = prepare_model_for_actors(v1)
     handle = serve.run(Model.options(num_replicas=2).bind(ref1), name="v", route_prefix="/v")

@@ -55,9 +55,9 @@ def run(ref, x):
         return model(x)
 
 
-def test_plain_tensor_attributes_are_shared_not_pickled(ray_local, backend):
+def test_plain_tensor_attributes_are_shared_not_pickled(ray_local):
     model = WithTable()
-    ref = prepare_model_for_actors(model, backend=backend)
+    ref = prepare_model_for_actors(model)
     assert len(ref.skeleton) < 64 * 1024, "the 16 MiB table must not travel in the skeleton (copied into every actor)"
     assert ref.nbytes >= 16 * MiB
     ids = torch.tensor([0, 5, 4095])
@@ -69,16 +69,16 @@ def test_plain_tensor_attributes_are_shared_not_pickled(ray_local, backend):
     assert torch.equal(loaded.table, model.table) and type(loaded.table) is torch.Tensor
     assert [torch.equal(a, b) for a, b in zip(loaded.scales, model.scales)] == [True, True]
     assert torch.equal(loaded.offsets["a"], model.offsets["a"])
-    if backend == "object_store":  # zero-copy: the table is a view into the object store, not a private copy
-        from ray_zerocopy.testing import tensors_outside_shared_memory
+    # zero-copy: the table is a view into the object store, not a private copy
+    from ray_zerocopy.testing import tensors_outside_shared_memory
 
-        assert tensors_outside_shared_memory(loaded) == []
-        assert loaded.table.data_ptr() != model.table.data_ptr()
+    assert tensors_outside_shared_memory(loaded) == []
+    assert loaded.table.data_ptr() != model.table.data_ptr()
 
 
-def test_hook_based_weight_norm_is_right_and_ships_no_weight_in_the_skeleton(ray_local, backend):
+def test_hook_based_weight_norm_is_right_and_ships_no_weight_in_the_skeleton(ray_local):
     model = old_weight_norm_model()
-    ref = prepare_model_for_actors(model, backend=backend)
+    ref = prepare_model_for_actors(model)
     assert len(ref.skeleton) < 64 * 1024, "the derived weight (8 MiB) must not be pickled into every actor"
     x = torch.randn(3, 2048)
     with torch.no_grad():
@@ -130,9 +130,9 @@ def run_pipeline(skeleton, refs, ids):
     return out, pipe.encoder.embed is pipe.decoder.embed, pipe.encoder.embed.weight is pipe.decoder.embed.weight
 
 
-def test_submodule_shared_by_two_models_is_stored_once_and_stays_shared(ray_local, backend):
+def test_submodule_shared_by_two_models_is_stored_once_and_stays_shared(ray_local):
     pipe = SharedEmbedPipeline()
-    skeleton, refs = rewrite_pipeline_for_actors(pipe, backend=backend)
+    skeleton, refs = rewrite_pipeline_for_actors(pipe)
     assert set(refs) == {"encoder", "decoder", "other"}
     embed_bytes = pipe.encoder.embed.weight.nbytes
     own = sum(t.nbytes for m in (pipe.encoder, pipe.decoder, pipe.other) for t in [*m.parameters(), *m.buffers()])

@@ -3,6 +3,7 @@ through it (or a class's own ``__setstate__``) everywhere else."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ray_zerocopy import _tensors
@@ -20,12 +21,14 @@ def _rebuilt(model: torch.nn.Module) -> torch.nn.Module:
     return rebuild_model(split.skeleton, split.weights, split.layouts)
 
 
+@pytest.mark.unit
 def test_a_class_with_its_own_setstate_gets_it_called():
     loaded = _rebuilt(torch.nn.Sequential(Restored(2, 2), torch.nn.MultiheadAttention(4, 2)))
     assert loaded[0].restored
     assert loaded[1]._qkv_same_embed_dim  # (MultiheadAttention has a __setstate__ of its own too)
 
 
+@pytest.mark.unit
 def test_a_state_missing_what_module_setstate_adds_still_gets_it():
     """A module unpickled from an old checkpoint and never fixed lacks attributes: Module.__setstate__
     adds them on load, so the skeleton keeps the plain path for it."""
@@ -36,6 +39,7 @@ def test_a_state_missing_what_module_setstate_adds_still_gets_it():
     loaded(torch.ones(1, 2))  # the forward pre-hook path reads it
 
 
+@pytest.mark.unit
 def test_an_actor_whose_torch_adds_an_attribute_gets_it(monkeypatch):
     """The driver's torch records which attributes every state has; an actor whose Module adds one more
     (a newer torch) sets each state through its own Module.__setstate__."""

@@ -82,6 +82,21 @@ def _marker(backend: object) -> str:
     return getattr(backend, "shared_memory_marker", STORE_MARKER)  # a backend built on an older Backend lacks it
 
 
+def _put_untouched(name: str) -> tuple[object, list[str]]:
+    """``put`` of :func:`dtype_zoo` in this process: the payload, and how ``put`` changed its input (it
+    must leave the caller's tensors and mapping as they were: they are the user's model)."""
+    from ray_zerocopy.plugins import get_backend
+
+    given, expected = dtype_zoo(), dtype_zoo()
+    before = {k: (t, t.data_ptr(), t.stride()) for k, t in given.items()}
+    payload = get_backend(name).put(given)
+    if list(given) != list(before):
+        return payload, [f"put() changed the names of its input mapping: {sorted(given)}"]
+    return payload, [f"put() changed its input tensor {k!r} (replaced, moved, restrided or written)"
+                     for k, (t, ptr, stride) in before.items()
+                     if given[k] is not t or (t.data_ptr(), t.stride()) != (ptr, stride) or not _same(t, expected[k])]
+
+
 def _check_tensors(name: str, payload: object, device: str) -> list[str]:
     from ray_zerocopy.plugins import get_backend
 
@@ -153,7 +168,7 @@ def check_backend(
 ) -> list[str]:
     """Conformance check of the transport ``name``, run in Ray tasks of the running Ray.
 
-    Checks: every dtype round-trips bit for bit; each zoo model loads in a task with outputs
+    Checks: ``put`` leaves its input untouched; every dtype round-trips bit for bit; each zoo model loads in a task with outputs
     equal bit for bit to the original evaluated in the same worker, every tensor equal, ties
     kept as one object, eval mode, no grad; on the CPU, if the backend claims ``zero_copy``,
     every tensor is a view of shared memory (mappings whose path contains the backend's
@@ -194,7 +209,7 @@ def check_backend(
             backend = get_backend(name)
         except UnknownBackendError as exc:
             raise AssertionError(str(exc)) from None
-        payload = backend.put(dtype_zoo())
+        payload, put_problems = _put_untouched(name)
         jobs = [("dtype round trip", task.remote("tensors", name, plugin, (payload,), device))]
         for model_name in models:
             ref = prepare_model_for_actors(zoo_model(model_name), backend=name)
@@ -202,6 +217,7 @@ def check_backend(
         for bad in [*GENERIC_BAD_PAYLOADS, *(bad_payloads(payload) if bad_payloads else [])]:
             jobs.append((f"bad payload {bad!r:.80}", task.remote("bad", name, plugin, (bad,), "cpu")))
         problems, passed = _collect(jobs, timeout_s)
+        problems[:0] = put_problems
     if backend.name != name or not isinstance(backend.zero_copy, bool) or type(backend.format_version) is not int:
         problems.insert(0, f"class attributes: name={backend.name!r} (registered as {name!r}), zero_copy="
                         f"{backend.zero_copy!r} (must be bool), format_version={backend.format_version!r} (int)")
