@@ -17,6 +17,7 @@ environment variables, read on every call (so a Ray ``runtime_env`` can set them
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import os
 import threading
@@ -45,6 +46,27 @@ class PinError(RuntimeError):
     """cudaHostRegister refused a range (already pinned, unsupported memory, limits)."""
 
 
+# Another route for the bytes, set around a load (``gpu_share.copier_source``): fills ``dst`` from ``buf``
+# and says whether it did (else the staged route runs).
+_source: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], bool] | None] = contextvars.ContextVar(
+    "rzc_copy_source", default=None)
+
+
+@contextlib.contextmanager
+def copy_source(source: Callable[[torch.Tensor, torch.Tensor], bool] | None) -> Iterator[None]:
+    """Within this block, :func:`copy_to_device`'s ``auto`` route first asks ``source(buf, dst)``."""
+    token = _source.set(source)
+    try:
+        yield
+    finally:
+        _source.reset(token)
+
+
+def current_route() -> str:
+    """The host-to-device route this process is set to (``$RAY_ZEROCOPY_H2D_ROUTE``, default auto)."""
+    return os.environ.get(ROUTE_ENV) or "auto"
+
+
 def settings(threads: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(staging threads, staging chunk bytes): explicit values, else the environment, else the defaults:
     ``min(6, cpu_count)`` threads and 4 MiB buffers (the copy is memory-bound and short: a burst of a
@@ -68,8 +90,9 @@ def copy_to_device(
     Args:
         buf: the bytes (typically a view of Ray's object store).
         device: a CUDA device of this process.
-        route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``) and ``staged`` copy through the pinned
-            ring (see the module docstring); ``plain`` is ``buf.to(device)``.
+        route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``): the node's copier where a load set one
+            (:func:`copy_source`), else as ``staged``: through the pinned ring (see the module docstring);
+            ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
         chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
 
@@ -85,13 +108,16 @@ def copy_to_device(
     if buf.device.type != "cpu" or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
         raise ValueError(f"copy_to_device needs a contiguous 1-D uint8 CPU tensor, got {buf.dtype} "
                          f"{tuple(buf.shape)} on {buf.device}. Fix: pass buf.reshape(-1).view(torch.uint8)")
-    route = route or os.environ.get(ROUTE_ENV) or "auto"
+    route = route or current_route()
     if route not in ROUTES:
         raise ValueError(f"unknown host-to-device route {route!r}; expected one of {ROUTES}. "
                          f"Fix: set {ROUTE_ENV} to one of those")
     if route == "plain" or buf.numel() < MIN_FAST_BYTES or buf.is_pinned():
         return buf.to(device)
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)
+    source = _source.get()
+    if route == "auto" and source is not None and source(buf, dst):
+        return dst
     threads, chunk_bytes = settings(threads, chunk_bytes)
     with _ring(dst.device, STAGING_BUFFERS * threads, chunk_bytes) as ring:
         _stream_through(ring, buf, dst, threads)
@@ -120,7 +146,7 @@ class _Cudart:
         self.error_name = lib.cudaGetErrorName
         self.error_name.restype = ctypes.c_char_p
 
-    def pin(self, ptr: int, size: int, flags: int = _READ_ONLY) -> None:
+    def pin(self, ptr: int, size: int, flags: int = _READ_ONLY) -> None:  # (read-only: the copier's source)
         err = self.register(ptr, size, flags)
         if err:
             self.last_error()  # clear this thread's sticky "last error" so no later torch call trips on it
@@ -143,6 +169,17 @@ def _get_cudart() -> _Cudart:
     if _cudart is None:
         _cudart = _Cudart()
     return _cudart
+
+
+def pin_host(ptr: int, nbytes: int) -> None:
+    """Page-lock ``nbytes`` at ``ptr`` for reading by every device of this process (``cudaHostRegister``,
+    read-only: Ray may map its store read-only). Raises :class:`PinError`."""
+    _get_cudart().pin(ptr, nbytes, flags=_READ_ONLY | _PORTABLE)
+
+
+def unpin_host(ptr: int) -> None:
+    """Undo :func:`pin_host`."""
+    _get_cudart().unregister(ptr)
 
 
 # ------------------------------------------------------------------ the pinned ring and the copy
@@ -200,7 +237,7 @@ def warm_ring(device: torch.device) -> None:
     """Start pinning the staging ring, if this process has none yet: a load calls this as it starts, so
     the pinning overlaps the rest of the load (fetching the payload, reading its index) and the copy's start."""
     with _kept_lock:
-        if _kept_ring or (os.environ.get(ROUTE_ENV) or "auto") not in ("auto", "staged"):
+        if _kept_ring or current_route() not in ("auto", "staged"):
             return
         threads, chunk_bytes = settings()
         _kept_ring.append(_Ring(device, STAGING_BUFFERS * threads, chunk_bytes))

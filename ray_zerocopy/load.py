@@ -9,6 +9,7 @@ copy on a GPU), or map the device copy a GPU shares (``gpu_share.py``), then reb
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, cast
@@ -16,6 +17,7 @@ from typing import Any, cast
 import ray
 import torch
 
+from ray_zerocopy import _cuda
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import private_views
 from ray_zerocopy._tensors import cast_floating, rebuild_model, weight_kinds
@@ -118,21 +120,21 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
         raise BackendMismatchError(options.backend, ref.backend)
     dev = resolve_device(options.device)
     share_gpu = options.share_gpu and not options.private_copy
+    source = None
     if dev.type == "cuda" and not share_gpu:
-        from ray_zerocopy._cuda import warm_ring
+        from ray_zerocopy import gpu_share
 
-        warm_ring(dev)  # pins the staging ring while the payload is fetched and read
+        source = gpu_share.copier_source(ref, dev)  # the node's copier of this model, once it is up
+        if source is None:
+            _cuda.warm_ring(dev)  # pins the staging ring while the payload is fetched and read
     chosen = get_backend(ref.backend)
     if chosen.format_version != ref.format_version:
         raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)
     if share_gpu:
-        shared = _shared_on_gpu(ref, dev, options.dtype, options.use_fast_load)
+        shared = _shared_on_gpu(ref, dev, options, chosen)
         if shared is not None:
             return shared
-    with torch.inference_mode(False):
-        tensors = chosen.get(ref.payload, dev)
-        if options.dtype is not None:
-            tensors = cast_floating(tensors, options.dtype)
+    tensors = _fetch(ref, chosen, dev, options.dtype, source)
     if options.private_copy:
         tensors = {k: t.clone() if t.is_cpu else t for k, t in tensors.items()}
     elif dev.type == "cpu":
@@ -168,29 +170,91 @@ def member_of(root: torch.nn.Module, index: int) -> torch.nn.Module:
     return model
 
 
-def _shared_on_gpu(ref: ModelRef, dev: torch.device, dtype: torch.dtype | None, use_fast_load: bool) -> Any:
+def _fetch(ref: ModelRef, chosen: Any, dev: torch.device, dtype: torch.dtype | None, source: Any = None) -> dict:
+    """The backend's tensors of ``ref`` on ``dev``, cast to ``dtype`` (``source``: see ``_cuda.copy_source``)."""
+    with torch.inference_mode(False), _cuda.copy_source(source):
+        tensors = chosen.get(ref.payload, dev)
+        return cast_floating(tensors, dtype) if dtype is not None else tensors
+
+
+def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chosen: Any) -> Any:
     """The model around the device copy shared by every actor on ``dev``'s GPU; None (and one log
-    line) where it cannot be shared, so the caller loads a private copy."""
+    line) where it cannot be shared, so the caller loads a private copy.
+
+    Where the holder is not up yet (it starts in seconds), the model gets a copy of its own at once and
+    moves onto the holder's when the holder answers (same bytes; the copy is then freed)."""
     if dev.type != "cuda":
         warn_once(f"share_gpu=True has no effect on {dev} (CPU weights are shared host memory anyway)")
         return None
     from ray_zerocopy import gpu_share
 
     try:
+        attach = gpu_share.Attach(ref, dev, options.dtype)
         with torch.inference_mode(False):
-            tensors, holder = gpu_share.attach(ref, dev, dtype)
+            tensors = attach.tensors() if attach.ready(gpu_share.READY_WAIT_S) else None
     except Exception as exc:  # no CUDA IPC, holder failed to start, ...
         warn_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
         return None
+    mapped = tensors is not None
+    if tensors is None:
+        _cuda.warm_ring(dev)
+        tensors = _fetch(ref, chosen, dev, options.dtype)
     # buffers are private to each actor (models update them: LongRoPE's inv_freq, running statistics);
     # the shared parameters are watched
     params = {name for name, is_param in weight_kinds(ref.skeleton) if is_param}
-    tensors = {k: t if k in params else t.clone() for k, t in tensors.items()}
+    tensors = {k: t if k in params or not mapped else t.clone() for k, t in tensors.items()}
     placed: list = []
-    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not use_fast_load, placed=placed)
-    weakref.finalize(model, gpu_share.release, holder, os.getpid())
+    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load, placed=placed)
     shared = [(name, t) for name, t in placed if name in params]
-    return guard_model(model, shared, restore=lambda: ray.get(holder.restore.remote()))
+    if mapped:
+        weakref.finalize(model, gpu_share.release, attach.holder, os.getpid())
+        return guard_model(model, shared, restore=lambda: ray.get(attach.holder.restore.remote()))
+    mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared), daemon=True)
+    mover.start()
+    _moving[model] = mover
+
+    def restore() -> None:  # (a write before the move changed this actor's own copy, which the move replaces)
+        mover.join()
+        if attach.moved:
+            ray.get(attach.holder.restore.remote())
+
+    return guard_model(model, shared, restore=restore)
+
+
+_moving: weakref.WeakKeyDictionary[torch.nn.Module, threading.Thread] = weakref.WeakKeyDictionary()
+
+
+def wait_shared(model: torch.nn.Module, timeout: float | None = None) -> bool:
+    """Wait until a model loaded with ``share_gpu=True`` maps the GPU's shared copy (a first load may
+    start on a copy of its own, see :func:`_shared_on_gpu`); False if it does not within ``timeout``."""
+    mover = _moving.get(model)
+    if mover is not None:
+        mover.join(timeout)
+    return mover is None or not mover.is_alive()
+
+
+def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]]) -> None:
+    """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers."""
+    from ray_zerocopy import gpu_share
+
+    try:
+        with torch.inference_mode(False):
+            mapped = attach.tensors()
+    except Exception as exc:
+        warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
+        return
+    alive = model()
+    if alive is None:
+        gpu_share.release(attach.holder, os.getpid())
+        return
+    own = [t.data for _, t in shared]
+    for name, t in shared:
+        t.data = mapped[name]  # (the same bytes; the Parameter object and its version counter stay)
+    torch.cuda.synchronize(attach.device)  # work queued on the model's own copy ends before it is freed
+    del own
+    torch.cuda.empty_cache()  # (else the freed copy stays reserved by this process's allocator)
+    attach.moved = True
+    weakref.finalize(alive, gpu_share.release, attach.holder, os.getpid())
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

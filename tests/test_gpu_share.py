@@ -76,6 +76,10 @@ class Sharer:
         with torch.no_grad():
             return self.second(x.cuda()).cpu()
 
+    def allocated(self) -> int:
+        """Device bytes this process's allocator holds (memory mapped from a holder is not among them)."""
+        return torch.cuda.memory_allocated()
+
     def drop(self, attr: str = "model") -> None:
         setattr(self, attr, None)
         import gc
@@ -107,10 +111,22 @@ def test_four_actors_on_one_gpu_share_one_copy(ray_gpu, capsys):
     x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(1))
     base = _used_gpu_bytes()
     actors = [Sharer.remote() for _ in range(4)]
+    try:
+        _four_share(actors, ref, model, nbytes, x, capsys)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    assert _wait(lambda: not _holders()), f"holder still alive after every user died: {_holders()}"
+    assert _wait(lambda: _used_gpu_bytes() < base + (256 << 20)), (
+        f"GPU memory not back: {(_used_gpu_bytes() - base) / 2**20:.0f} MiB above the start")
+
+
+def _four_share(actors, ref, model, nbytes, x, capsys):
     uuids = ray.get([a.start_cuda.remote() for a in actors])
     assert len(set(uuids)) == 1, uuids  # num_gpus=0.25: Ray packs all four onto one GPU
     contexts = _used_gpu_bytes()
-    first = ray.get(actors[0].load.remote(ref))
+    first = ray.get(actors[0].load.remote(ref))  # its own copy at once, moved onto the holder's once that is up
+    assert _wait(lambda: ray.get(actors[0].allocated.remote()) < nbytes / 8), "the first actor never moved"
     one = _used_gpu_bytes() - contexts
     later = ray.get([a.load.remote(ref) for a in actors[1:]])
     grown = _used_gpu_bytes() - contexts
@@ -118,7 +134,7 @@ def test_four_actors_on_one_gpu_share_one_copy(ray_gpu, capsys):
     with capsys.disabled():
         print(f"\n[share_gpu] {nbytes / 2**30:.2f} GiB model on one GPU, device memory beyond the actors' CUDA contexts "
               f"(the holder's included): 1 actor +{one / 2**30:.2f} GiB, 4 actors +{grown / 2**30:.2f} GiB; "
-              f"first load {first:.2f} s (starts the holder), later {[round(t, 3) for t in later]} s")
+              f"first load {first:.3f} s (its own copy while the holder starts), later {[round(t, 3) for t in later]} s")
     assert len(_holders()) == 1
     assert grown < 2 * nbytes, f"4 sharing actors grew the GPU by {grown / 2**30:.2f} GiB for a {nbytes / 2**30:.2f} GiB model"
     for out in outs[1:]:
@@ -129,11 +145,89 @@ def test_four_actors_on_one_gpu_share_one_copy(ray_gpu, capsys):
     ray.kill(actors[0])  # the actor that started the holder: the others keep their weights
     assert all(torch.equal(o, outs[0]) for o in ray.get([a.run.remote(x) for a in actors[1:]]))
 
-    for a in actors[1:]:
+
+@needs_cuda
+def test_first_load_copies_at_once_then_moves_onto_the_holder(ray_gpu):
+    """The first actor on a GPU does not wait seconds for the holder to start: it loads a copy of its own,
+    and moves onto the holder's copy (freeing its own) once the holder is up; outputs never change."""
+    model = _big_model()[:4]
+    nbytes = sum(p.nbytes for p in model.parameters())
+    ref = prepare_model_for_actors(model, backend="packed")
+    x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(4))
+    a = Sharer.remote()
+    try:
+        ray.get(a.start_cuda.remote())
+        ray.get(a.load.remote(ref))
+        own = ray.get(a.allocated.remote())
+        before = ray.get(a.run.remote(x))
+        assert own >= nbytes, f"{own} B allocated: the first load did not take a copy of its own"
+        assert _wait(lambda: ray.get(a.allocated.remote()) < nbytes / 8), "it never moved onto the holder's copy"
+        assert torch.equal(ray.get(a.run.remote(x)), before), "outputs changed with the move"
+        assert len(_holders()) == 1, _holders()
+        with torch.no_grad():
+            torch.testing.assert_close(before, model(x), rtol=1e-3, atol=1e-3)
+    finally:
         ray.kill(a)
-    assert _wait(lambda: not _holders()), f"holder still alive after every user died: {_holders()}"
-    assert _wait(lambda: _used_gpu_bytes() < base + (256 << 20)), (
-        f"GPU memory not back: {(_used_gpu_bytes() - base) / 2**20:.0f} MiB above the start")
+    assert _wait(lambda: not _holders())
+
+
+def _copier(ref, uuid: str):
+    try:
+        return ray.get_actor(f"copier-{ref.uid}-{uuid}", namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+@needs_cuda
+def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
+    """The first private load on a GPU starts the model's copier there; later loads get their bytes
+    from it (one DMA from its pinned pages), with the same outputs; it goes after COPIER_LINGER_S."""
+    from ray_zerocopy.gpu_share import COPIER_LINGER_S
+
+    model = _big_model()[:4]
+    ref = prepare_model_for_actors(model, backend=backend)
+    x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(5))
+    first, second = Sharer.remote(), Sharer.remote()
+    try:
+        uuid = ray.get(first.start_cuda.remote())
+        ray.get(first.load.remote(ref, False))
+        assert _wait(lambda: _copier(ref, uuid) is not None)
+        copier = _copier(ref, uuid)
+        copies = ray.get(copier.ready.remote())
+        ray.get(second.load.remote(ref, False))
+        one_buffer = backend != "fake_per_tensor"  # (that test transport copies tensor by tensor: no copier)
+        assert ray.get(copier.ready.remote()) == copies + one_buffer, (copies, ray.get(copier.ready.remote()))
+        with torch.no_grad():
+            expected = model(x)
+        for a in (first, second):
+            torch.testing.assert_close(ray.get(a.run.remote(x)), expected, rtol=1e-3, atol=1e-3)
+    finally:
+        for a in (first, second):
+            ray.kill(a)
+    assert _wait(lambda: _copier(ref, uuid) is None, COPIER_LINGER_S + 15)
+
+
+def test_store_ranges_cover_every_array_at_its_address(ray_local):
+    """The copier's map of a model's objects in Ray's store: page-aligned, non-overlapping ranges of the
+    store's file, each array inside one, at the address this process maps it (CPU: no CUDA needed)."""
+    from ray_zerocopy._shm import vma_of
+    from ray_zerocopy.gpu_share import store_ranges
+    from ray_zerocopy.model_ref import object_refs
+
+    ref = prepare_model_for_actors(nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)]), backend="object_store")
+    held = ray.get(list(object_refs(ref.payload)))
+    ranges = store_ranges(held)
+    assert ranges and all(lo % 4096 == 0 and hi % 4096 == 0 and addr % 4096 == 0 for _, lo, hi, addr in ranges)
+    spans = sorted((key, lo, hi) for key, lo, hi, _ in ranges)
+    assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:])), spans
+    arrays = [np.frombuffer(a, dtype=np.uint8) for obj in held for a in (obj.values() if isinstance(obj, dict) else [obj])]
+    arrays = [a for a in arrays if a.nbytes > 100_000]
+    assert len(arrays) >= 4
+    for arr in arrays:
+        vma = vma_of(arr.ctypes.data)
+        offset = vma.file[3] + arr.ctypes.data - vma.start
+        inside = [(lo, addr) for key, lo, hi, addr in ranges if key == vma.file[:3] and lo <= offset < offset + arr.nbytes <= hi]
+        assert len(inside) == 1 and inside[0][1] + offset - inside[0][0] == arr.ctypes.data
 
 
 @needs_cuda

@@ -199,6 +199,10 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
         progress(f"  {name}: FAILED {res['error']}")
     finally:
         prepared = None
+        if opts.device != "cpu":  # (ours: the model's copiers would hold its objects a few seconds more)
+            from ray_zerocopy.gpu_share import stop_copiers
+
+            stop_copiers()
         gc.collect()
         shutil.rmtree(adir, ignore_errors=True)
     summarize(res, ctx.model_bytes, opts.device)

@@ -186,6 +186,10 @@ class BenchActor:
     def run_and_measure(self, files_marker: str | None) -> dict[str, Any]:
         """Run the loaded model once, then the memory it added to this process (see :func:`process_memory`)."""
         assert self.model is not None, "load first"
+        if self.share_gpu:  # memory once every actor maps the holder's copy (a first load starts on its own)
+            from ray_zerocopy.load import wait_shared
+
+            wait_shared(self.model, 120)
         self.out = run_model(self.model, self.ids)
         gc.collect()
         now = process_memory(files_marker)
