@@ -30,10 +30,10 @@ import torch
 from ray_zerocopy import _procmaps
 from ray_zerocopy._log import warn_once
 
-ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | staged | plain
+ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | copier | staged | plain
 THREADS_ENV = "RAY_ZEROCOPY_H2D_THREADS"  # staging threads
 CHUNK_ENV = "RAY_ZEROCOPY_H2D_CHUNK_MB"  # staging buffer size
-ROUTES = ("auto", "staged", "plain")
+ROUTES = ("auto", "copier", "staged", "plain")
 MIN_FAST_BYTES = 8 << 20  # below this one plain copy is as quick as setting up threads and pins
 STAGING_BUFFERS = 2  # per thread: one being filled while the GPU drains the other
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: we only read, and Ray may map the store read-only
@@ -46,7 +46,7 @@ class PinError(RuntimeError):
     """cudaHostRegister refused a range (already pinned, unsupported memory, limits)."""
 
 
-# Another route for the bytes, set around a load (``gpu_share.copier_source``): fills ``dst`` from ``buf``
+# The ``copier`` route's source, set around a load (``gpu_share.copier_source``): fills ``dst`` from ``buf``
 # and says whether it did (else the staged route runs).
 _source: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], bool] | None] = contextvars.ContextVar(
     "rzc_copy_source", default=None)
@@ -54,7 +54,7 @@ _source: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], bool] | N
 
 @contextlib.contextmanager
 def copy_source(source: Callable[[torch.Tensor, torch.Tensor], bool] | None) -> Iterator[None]:
-    """Within this block, :func:`copy_to_device`'s ``auto`` route first asks ``source(buf, dst)``."""
+    """Within this block, :func:`copy_to_device`'s ``copier`` route first asks ``source(buf, dst)``."""
     token = _source.set(source)
     try:
         yield
@@ -90,9 +90,9 @@ def copy_to_device(
     Args:
         buf: the bytes (typically a view of Ray's object store).
         device: a CUDA device of this process.
-        route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``): the node's copier where a load set one
-            (:func:`copy_source`), else as ``staged``: through the pinned ring (see the module docstring);
-            ``plain`` is ``buf.to(device)``.
+        route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``) and ``staged``: through the pinned ring
+            (see the module docstring); ``copier``: by the node's copier of the model where a load set one
+            (:func:`copy_source`, ``gpu_share.py``), else staged; ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
         chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
 
@@ -116,7 +116,7 @@ def copy_to_device(
         return buf.to(device)
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)
     source = _source.get()
-    if route == "auto" and source is not None and source(buf, dst):
+    if route == "copier" and source is not None and source(buf, dst):
         return dst
     threads, chunk_bytes = settings(threads, chunk_bytes)
     with _ring(dst.device, STAGING_BUFFERS * threads, chunk_bytes) as ring:
@@ -237,7 +237,7 @@ def warm_ring(device: torch.device) -> None:
     """Start pinning the staging ring, if this process has none yet: a load calls this as it starts, so
     the pinning overlaps the rest of the load (fetching the payload, reading its index) and the copy's start."""
     with _kept_lock:
-        if _kept_ring or current_route() not in ("auto", "staged"):
+        if _kept_ring or current_route() == "plain":
             return
         threads, chunk_bytes = settings()
         _kept_ring.append(_Ring(device, STAGING_BUFFERS * threads, chunk_bytes))

@@ -1,20 +1,24 @@
-"""Per-GPU helper processes of a model: a copier for every load, and one device copy for ``share_gpu``.
+"""Per-GPU helper processes of a model: one device copy for ``share_gpu``, and a copier (opt-in).
 
-The copier: the first load of a model on a GPU starts a small detached actor for that model and GPU
-(and loads through the pinned ring meanwhile, ``_cuda.py``). The copier holds the model's objects in
-Ray's store, pins their pages once (``cudaHostRegister``), and from then on every load of that model
-on that GPU allocates its device memory and has the copier fill it through CUDA IPC: one DMA from
-pinned pages, so no actor pays pinning, first touches of the store's pages, or a host copy (first
-loads 42.9 against 19.1-20.7 GB/s on the H200, 54.9 pinned peak). It holds the objects for
-``COPIER_LINGER_S`` after its last copy, then unpins them and exits. ``RAY_ZEROCOPY_H2D_ROUTE=staged``
-turns it off.
+The copier (``RAY_ZEROCOPY_H2D_ROUTE=copier`` in the actors' environment): the first load of a model on
+a GPU starts a small detached actor for that model and GPU, and copies through the pinned ring itself
+(``_cuda.py``). The copier holds the model's objects in Ray's store and pins their pages once
+(``cudaHostRegister``); from then on a load of that model on that GPU allocates its device memory and
+has the copier fill it through CUDA IPC: one DMA from pinned pages, so the actor pays no pinning, no
+first touches of the store's pages and no host copy. On the H200 (pinned peak 55.2 GB/s, 1.54 GB
+model, packed): fresh actors served by the copier loaded in 53-56 ms (27.5-29 GB/s), later loads in 37 ms
+(41.5 GB/s); but the two loads made while it started took 122 and 164 ms (the ring's copy alone took
+75-81 ms in another lease; no same-lease A/B yet), and it costs a process with a CUDA context per model
+and GPU. Hence opt-in. It holds the objects for
+``COPIER_LINGER_S`` after its last copy (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 
 The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
 starts a small holder actor for that model and GPU, which copies the weights from the object
 store to the GPU once (through the fast host-to-device path) and exports CUDA IPC handles; every
-actor on that GPU, the first included, maps the holder's device memory (no copy, no new device
-memory) and rebuilds the model around it.
+actor on that GPU maps the holder's device memory (no copy, no new device memory) and rebuilds the
+model around it. An actor that loads while the holder starts (seconds) does not wait: it loads a
+copy of its own, and moves onto the holder's copy once that is up (``load._move_onto_holder``).
 
 Lifetimes: the holder owns the device memory. It is detached (it survives the actor that
 started it), on the same node, with no CPU or GPU reserved, and named after the model and the
@@ -229,13 +233,11 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     """What ``_cuda.copy_source`` takes for a load of ``model_ref`` on ``device``: a function that has
     this GPU's copier of the model fill a device buffer; None where no copier is ready (one is started
     if there is none; this load copies by itself)."""
-    if _cuda.current_route() != "auto":
+    if _cuda.current_route() != "copier":
         return None
-    name = f"copier-{model_ref.uid}-{gpu_uuid(device)}"
-    try:
-        copier = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:  # none yet: start it for the loads that follow
-        _start(_Copier, name, gpu_uuid(device), model_ref)
+    uuid = gpu_uuid(device)
+    copier, new = _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref)
+    if new:  # (for the loads that follow)
         return None
     try:
         probe: Any = copier.ready.remote()
@@ -270,13 +272,17 @@ def _copy_via(copier: Any, buf: torch.Tensor, dst: torch.Tensor) -> bool:
         return False
 
 
-def _start(cls: Any, name: str, *args: Any) -> Any:
-    """A detached actor ``name`` of ``cls`` on this node (the one that exists, if any)."""
+def _start(cls: Any, name: str, *args: Any) -> tuple[Any, bool]:
+    """The detached actor ``name`` (of ``cls``, on this node), and whether it was started now (or existed)."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE), False
+    except ValueError:
+        pass
     node = ray.get_runtime_context().get_node_id()
     return cls.options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",  # (two may start it at once)
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(*args)
+    ).remote(*args), True
 
 
 def _alive(pid: int) -> bool:
@@ -289,7 +295,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> Any:
+def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> tuple[Any, bool]:
     return _start(_Holder, f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}", uuid, model_ref, dtype)
 
 
@@ -303,12 +309,12 @@ class Attach:
         self._ask()
 
     def _ask(self) -> None:
-        self.holder = _holder(*self.args)
+        self.holder, self.new = _holder(*self.args)
         self.answer = self.holder.attach.remote(os.getpid())  # (counts this process as a user once answered)
 
     def ready(self, timeout: float) -> bool:
-        """Whether the holder has answered within ``timeout`` seconds."""
-        return bool(ray.wait([self.answer], timeout=timeout)[0])
+        """Whether the holder has answered within ``timeout`` seconds (at once False for one started now)."""
+        return bool(ray.wait([self.answer], timeout=0 if self.new else timeout)[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Device tensors by name that map the holder's copy (waits for it). Raises on any failure."""

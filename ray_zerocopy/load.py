@@ -202,14 +202,15 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chose
     # buffers are private to each actor (models update them: LongRoPE's inv_freq, running statistics);
     # the shared parameters are watched
     params = {name for name, is_param in weight_kinds(ref.skeleton) if is_param}
-    tensors = {k: t if k in params or not mapped else t.clone() for k, t in tensors.items()}
+    tensors = {k: t if k in params else t.clone() for k, t in tensors.items()}  # (own copy: freed on the move)
     placed: list = []
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load, placed=placed)
     shared = [(name, t) for name, t in placed if name in params]
     if mapped:
         weakref.finalize(model, gpu_share.release, attach.holder, os.getpid())
         return guard_model(model, shared, restore=lambda: ray.get(attach.holder.restore.remote()))
-    mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared), daemon=True)
+    mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared, ref.layouts),
+                             daemon=True)
     mover.start()
     _moving[model] = mover
 
@@ -233,18 +234,23 @@ def wait_shared(model: torch.nn.Module, timeout: float | None = None) -> bool:
     return mover is None or not mover.is_alive()
 
 
-def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]]) -> None:
-    """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers."""
+def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]], layouts: dict) -> None:
+    """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers,
+    where that holds the same bytes (else the model keeps its own copy, and one log line says so)."""
     from ray_zerocopy import gpu_share
 
     try:
         with torch.inference_mode(False):
             mapped = attach.tensors()
+            mapped = {k: t.as_strided(*layouts[k]) if k in layouts else t for k, t in mapped.items()}
+            same = all(_same_bytes(t, mapped[name]) for name, t in shared)
     except Exception as exc:
         warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
         return
     alive = model()
-    if alive is None:
+    if alive is None or not same:
+        if alive is not None:
+            warn_once("share_gpu: the holder's copy differs from this model's own copy; the model keeps its own")
         gpu_share.release(attach.holder, os.getpid())
         return
     own = [t.data for _, t in shared]
@@ -255,6 +261,11 @@ def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, t
     torch.cuda.empty_cache()  # (else the freed copy stays reserved by this process's allocator)
     attach.moved = True
     weakref.finalize(alive, gpu_share.release, attach.holder, os.getpid())
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and torch.equal(
+        a.detach().reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

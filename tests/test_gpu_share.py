@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ray_zerocopy import SharedWeightWriteError, load_model_in_actor, prepare_model_for_actors
+from ray_zerocopy._cuda import ROUTE_ENV
 from ray_zerocopy.gpu_share import NAMESPACE
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -180,14 +181,16 @@ def _copier(ref, uuid: str):
 
 @needs_cuda
 def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
-    """The first private load on a GPU starts the model's copier there; later loads get their bytes
-    from it (one DMA from its pinned pages), with the same outputs; it goes after COPIER_LINGER_S."""
+    """With the copier route, the first private load on a GPU starts the model's copier there; later loads
+    get their bytes from it (one DMA from its pinned pages), with the same outputs; it goes after
+    COPIER_LINGER_S."""
     from ray_zerocopy.gpu_share import COPIER_LINGER_S
 
     model = _big_model()[:4]
     ref = prepare_model_for_actors(model, backend=backend)
     x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(5))
-    first, second = Sharer.remote(), Sharer.remote()
+    opted_in = Sharer.options(runtime_env={"env_vars": {ROUTE_ENV: "copier"}})
+    first, second = opted_in.remote(), opted_in.remote()
     try:
         uuid = ray.get(first.start_cuda.remote())
         ray.get(first.load.remote(ref, False))
