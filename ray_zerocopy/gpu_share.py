@@ -9,8 +9,8 @@ first touches of the store's pages and no host copy. On the H200 (pinned peak 55
 model, packed): fresh actors served by the copier loaded in 53-56 ms (27.5-29 GB/s), later loads in 37 ms
 (41.5 GB/s); but the two loads made while it started took 122 and 164 ms (the ring's copy alone took
 75-81 ms in another lease; no same-lease A/B yet), and it costs a process with a CUDA context per model
-and GPU. Hence opt-in. It holds the objects for
-``COPIER_LINGER_S`` after its last copy (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
+and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
+(``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 
 The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
@@ -57,7 +57,7 @@ NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
 COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
-READY_WAIT_S = 0.05  # how long a load waits for a started copier to answer before it copies by itself
+READY_WAIT_S = 0.05  # how long a load waits for an existing holder or copier to answer before it goes on alone
 _PAGE = 4096
 
 
