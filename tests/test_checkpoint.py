@@ -127,7 +127,8 @@ def test_mismatches_are_named(ray_local, llama_dir, tmp_path):
     for name in ("up_proj", "model.extra.weight", "float32[128]", "[128, 8]", "Fix:"):
         assert name in str(err)
     assert isinstance(err, ValueError)
-    assert ray.available_resources().get("object_store_memory") == used_before  # nothing was stored
+    # nothing was stored (objects of earlier tests may still be going: free memory may only grow)
+    assert ray.available_resources().get("object_store_memory") >= used_before
 
 
 def test_untied_skeleton_names_the_missing_tie(ray_local, llama_dir):
