@@ -109,6 +109,8 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "  Files just written sit in the page cache (best case for disk loaders; torch_load's cache is not counted).",
         "USS/actor: private bytes an actor added; drv peak: driver's private peak during prepare;",
         "max|diff|: output vs the original weights, both computed in the same actor.",
+        f"prepare s: the store's pages were faulted in before the first approach ({meta.get('store_touch_s') or 0:.2f} s"
+        " for one model's bytes), which a fresh store's first put pays once.",
     ]
     if together:
         notes += ["together: every actor's load started at once; all GB/s: model bytes x actors / time from the",
