@@ -57,7 +57,8 @@ NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
 COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
-READY_WAIT_S = 0.05  # how long a load waits for an existing holder or copier to answer before it goes on alone
+READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
+# (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
 _PAGE = 4096
 
 
