@@ -55,7 +55,7 @@ def _store_buffer(nbytes: int) -> tuple[ray.ObjectRef, torch.Tensor]:
 
 
 @needs_cuda
-@pytest.mark.parametrize("route", ["auto", "staged", "plain"])
+@pytest.mark.parametrize("route", ["auto", "copier", "staged", "plain"])  # (copier: no copier set here, so staged)
 @pytest.mark.parametrize("nbytes", [0, 4099, (9 << 20) + 123, (37 << 20) + 5])
 def test_copy_routes_are_byte_exact(ray_gpu, route, nbytes, caplog):
     """Small chunks and 3 threads: many chunks, odd sizes, a start that is not page-aligned."""
