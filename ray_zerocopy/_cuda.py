@@ -146,7 +146,7 @@ class _Cudart:
         self.error_name = lib.cudaGetErrorName
         self.error_name.restype = ctypes.c_char_p
 
-    def pin(self, ptr: int, size: int, flags: int = _READ_ONLY) -> None:  # (read-only: the copier's source)
+    def pin(self, ptr: int, size: int, flags: int = _READ_ONLY) -> None:
         err = self.register(ptr, size, flags)
         if err:
             self.last_error()  # clear this thread's sticky "last error" so no later torch call trips on it

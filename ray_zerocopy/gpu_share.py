@@ -171,7 +171,9 @@ class _Copier:
         ``nbytes`` at ``offset`` of the store's ``file`` (device, inode); False where they are not pinned here."""
         with self.lock:
             self.last = time.monotonic()
-            for key, lo, hi, addr in self.ranges if self.held is not None else ():
+            if self.held is None:  # (unpinned: it is exiting)
+                return False
+            for key, lo, hi, addr in self.ranges:
                 if key == file and lo <= offset and offset + nbytes <= hi:
                     src = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr + offset - lo), dtype=torch.uint8)
                     storage = torch.UntypedStorage._new_shared_cuda(0, *handle[1:])

@@ -241,8 +241,9 @@ def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, t
 
     try:
         with torch.inference_mode(False):
-            mapped = attach.tensors()
-            mapped = {k: t.as_strided(*layouts[k]) if k in layouts else t for k, t in mapped.items()}
+            holder = attach.tensors()
+            mapped = {name: holder[name].as_strided(*layouts[name]) if name in layouts else holder[name]
+                      for name, _ in shared}
             same = all(_same_bytes(t, mapped[name]) for name, t in shared)
     except Exception as exc:
         warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
