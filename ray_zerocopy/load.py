@@ -12,7 +12,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Mapping, cast
 
 import ray
 import torch
@@ -209,15 +209,20 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chose
     if mapped:
         weakref.finalize(model, gpu_share.release, attach.holder, os.getpid())
         return guard_model(model, shared, restore=lambda: ray.get(attach.holder.restore.remote()))
-    mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared, ref.layouts),
+    versions = [t._version for _, t in shared]  # (a tensor written before the move is not compared)
+    mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared, versions, ref.layouts),
                              daemon=True)
     mover.start()
     _moving[model] = mover
 
-    def restore() -> None:  # (a write before the move changed this actor's own copy, which the move replaces)
+    def restore() -> None:
         mover.join()
-        if attach.moved:
+        if attach.moved:  # (a write before the move changed the own copy, which the move replaced)
             ray.get(attach.holder.restore.remote())
+        else:  # still on its own copy: the stored bytes go back into it
+            fresh = _fetch(ref, chosen, dev, options.dtype)
+            for name, t in shared:
+                t.data.copy_(_laid(fresh[name], name, ref.layouts))
 
     return guard_model(model, shared, restore=restore)
 
@@ -234,17 +239,23 @@ def wait_shared(model: torch.nn.Module, timeout: float | None = None) -> bool:
     return mover is None or not mover.is_alive()
 
 
-def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]], layouts: dict) -> None:
+def _laid(t: torch.Tensor, name: str, layouts: Mapping) -> torch.Tensor:
+    """Stored tensor ``name`` with the strides the model gave it (see ``_tensors.SplitModel.layouts``)."""
+    return t.as_strided(*layouts[name]) if name in layouts else t
+
+
+def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]], versions: list[int],
+                      layouts: dict) -> None:
     """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers,
-    where that holds the same bytes (else the model keeps its own copy, and one log line says so)."""
+    where that holds the same bytes as every tensor not written since ``versions`` (else the model keeps
+    its own copy, and one log line says so)."""
     from ray_zerocopy import gpu_share
 
     try:
         with torch.inference_mode(False):
             holder = attach.tensors()
-            mapped = {name: holder[name].as_strided(*layouts[name]) if name in layouts else holder[name]
-                      for name, _ in shared}
-            same = all(_same_bytes(t, mapped[name]) for name, t in shared)
+            mapped = {name: _laid(holder[name], name, layouts) for name, _ in shared}
+            same = all(_same_bytes(t, mapped[name]) for (name, t), v in zip(shared, versions) if t._version == v)
     except Exception as exc:
         warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
         return

@@ -162,7 +162,8 @@ def test_first_load_copies_at_once_then_moves_onto_the_holder(ray_gpu):
         own = ray.get(a.allocated.remote())
         before = ray.get(a.run.remote(x))
         assert own >= nbytes, f"{own} B allocated: the first load did not take a copy of its own"
-        assert _wait(lambda: ray.get(a.allocated.remote()) < nbytes / 8), "it never moved onto the holder's copy"
+        ran = ray.get(a.allocated.remote())  # (+ what the forward keeps: cuBLAS's workspace)
+        assert _wait(lambda: ray.get(a.allocated.remote()) < ran - 0.9 * nbytes), "it never moved onto the holder's copy"
         assert torch.equal(ray.get(a.run.remote(x)), before), "outputs changed with the move"
         assert len(_holders()) == 1, _holders()
         with torch.no_grad():
@@ -261,6 +262,26 @@ def test_write_into_shared_copy_is_reported_and_undone(ray_gpu, backend):
     assert torch.equal(ray.get(reader.run.remote(x)), before)  # put back from the object store
     assert torch.equal(ray.get(writer.run.remote(x)), before)
     for a in (writer, reader):
+        ray.kill(a)
+    assert _wait(lambda: not _holders())
+
+
+@needs_cuda
+def test_a_write_before_the_move_is_reported_and_undone(ray_gpu):
+    """A first actor writes into its own copy while the holder still starts: the error comes as for a shared
+    copy, and the model then runs on the stored weights (the move does not keep or refuse the written copy)."""
+    model = _big_model()[:2]
+    ref = prepare_model_for_actors(model, backend="packed")
+    x = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(6))
+    a = Sharer.remote()
+    try:
+        ray.get(a.load.remote(ref))  # its own copy: the holder was started now
+        message = ray.get(a.write.remote(x))
+        assert "'0.weight'" in message and "private_copy=True" in message, message
+        with torch.no_grad():
+            torch.testing.assert_close(ray.get(a.run.remote(x)), model(x), rtol=1e-3, atol=1e-3)
+        assert ray.get(a.allocated.remote()) < 0.5 * sum(p.nbytes for p in model.parameters()), "it did not move"
+    finally:
         ray.kill(a)
     assert _wait(lambda: not _holders())
 
