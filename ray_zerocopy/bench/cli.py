@@ -49,7 +49,7 @@ from ray_zerocopy.bench.approaches import (
 )
 from ray_zerocopy.bench.options import Options, parse_options
 from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, object_bytes
-from ray_zerocopy.bench.report import draw_png, format_table, summarize, write_json
+from ray_zerocopy.bench.report import draw_png, format_table, summarize, table_head, table_row, write_json
 
 NATIVE_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 _T0 = time.perf_counter()
@@ -213,6 +213,9 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
         gc.collect()
         shutil.rmtree(adir, ignore_errors=True)
     summarize(res, ctx.model_bytes, opts.device)
+    # (the table's row now: a run cut short still leaves its finished rows in the log)
+    cells = zip(table_head(opts.device, opts.args.together), table_row(res, opts.device, opts.args.together))
+    progress(f"  {name}: " + "; ".join(f"{head} {cell}" for head, cell in list(cells)[1:]))
     return res
 
 

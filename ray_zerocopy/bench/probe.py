@@ -192,6 +192,8 @@ class BenchActor:
             wait_shared(self.model, 120)
         self.out = run_model(self.model, self.ids)
         gc.collect()
+        if self.device.startswith("cuda"):  # device memory counts what the model holds, not the forward's freed cache
+            torch.cuda.empty_cache()
         now = process_memory(files_marker)
         return {k: now[k] - self.base[k] if k != "files" else now[k] for k in now}
 

@@ -48,7 +48,19 @@ def _ms(seconds: float | None) -> str:
     return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
-def _row(r: dict[str, Any], device: str, together: bool) -> list[str]:
+def table_head(device: str, together: bool) -> list[str]:
+    """The table's column names."""
+    head = ["approach", "prepare s", "cold ms [min-max]", "warm ms [p10-p90]",
+            "node mem x" if device == "cpu" else "dev mem x", "USS/actor MB", "drv peak MB", "max|diff|"]
+    if device != "cpu":
+        head.append("H2D GB/s cold/warm")
+    if together:
+        head += ["all GB/s cold/warm", "last ready ms"]
+    return [*head, "status"]
+
+
+def table_row(r: dict[str, Any], device: str, together: bool) -> list[str]:
+    """One approach's cells in the table (also printed as a progress line once it has run)."""
     if not r.get("ok") and r.get("warm_median_s") is None:
         err = (r.get("error") or "failed").replace("\n", " ")
         return [r["name"], *["-"] * (7 + (device != "cpu") + 2 * together), "FAILED: " + err[:110]]
@@ -79,15 +91,9 @@ def _memory_cell(r: dict[str, Any], device: str) -> str:
 def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """The human-readable table (what the benchmark prints at the end)."""
     device = meta["device"]
-    head = ["approach", "prepare s", "cold ms [min-max]", "warm ms [p10-p90]",
-            "node mem x" if device == "cpu" else "dev mem x", "USS/actor MB", "drv peak MB", "max|diff|"]
-    if device != "cpu":
-        head.append("H2D GB/s cold/warm")
     together = bool(meta.get("together"))
-    if together:
-        head += ["all GB/s cold/warm", "last ready ms"]
-    head.append("status")
-    rows = [head, *(_row(r, device, together) for r in results)]
+    head = table_head(device, together)
+    rows = [head, *(table_row(r, device, together) for r in results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -117,7 +123,8 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
                   "  start until the last was ready (last ready ms), first loads (cold) and later ones (warm)."]
     if device != "cpu":
         notes += ["dev mem x: device memory the actors' models added on their GPUs (all processes: a share_gpu",
-                  "  holder and its CUDA context included) / model bytes; USS/actor is host memory, CUDA contexts excluded.",
+                  "  holder and its CUDA context included), after one forward and empty_cache() (cuBLAS's workspace",
+                  "  stays) / model bytes; USS/actor is host memory, CUDA contexts excluded.",
                   "H2D GB/s: model bytes / median load time (call to ready model, synchronized); each actor",
                   "  creates its CUDA context before its cold load. Pinned-memory peak host-to-device in this run: "
                   f"{meta.get('pinned_peak_gbps') or 0:.2f} GB/s"]
