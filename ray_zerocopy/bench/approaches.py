@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -90,7 +91,8 @@ def _model_class(spec: ModelSpec) -> tuple[Any, Any]:  # (a transformers model c
 def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
     """The model in eval mode with ``requires_grad=False``: random weights (seed 0), or on the meta device.
 
-    Random init is our own single pass of ``normal_`` (Hugging Face's init is 3x slower on big models).
+    Random init is our own single pass of ``normal_``, one generator per tensor (seeded by its index) and
+    tensors filled in parallel (Hugging Face's init is 3x slower on big models, one generator 10x on 16 cores).
     """
     cls, config = _model_class(spec)
     if meta:
@@ -105,14 +107,18 @@ def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
         with no_init():
             model = cls(config)
         model.tie_weights()
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0.0, 0.02, generator=gen)
-                else:  # norms' weights 1, biases 0: keeps activations in a sane range
-                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_fill, enumerate(model.named_parameters())))
     return model.to(getattr(torch, spec.dtype)).eval().requires_grad_(False)
+
+
+def _fill(item: tuple[int, tuple[str, torch.Tensor]]) -> None:
+    index, (name, p) = item
+    with torch.no_grad():  # (grad mode is per thread)
+        if p.dim() > 1:
+            p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(index))
+        else:  # norms' weights 1, biases 0: keeps activations in a sane range
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
 
 
 def sample_input(spec: ModelSpec) -> torch.Tensor:
