@@ -300,6 +300,11 @@ def weight_kinds(skeleton: bytes) -> list[tuple[str, bool]]:
     return pickle.load(io.BytesIO(skeleton))[0]
 
 
+def laid(t: torch.Tensor, name: str, layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> torch.Tensor:
+    """Stored tensor ``name`` with the strides its model gave it (see :attr:`SplitModel.layouts`)."""
+    return t.as_strided(*layouts[name]) if name in layouts else t
+
+
 def rebuild_model(
     skeleton: bytes,
     tensors: Mapping[str, torch.Tensor],
@@ -319,9 +324,7 @@ def rebuild_model(
     objects: list[Any] = []  # the weights by persistent id, then the state setter
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
         for name, is_param in pids:
-            t = tensors[name]
-            if name in layouts:
-                t = t.as_strided(*layouts[name])
+            t = laid(tensors[name], name, layouts)
             if is_param and as_parameters:  # _make_subclass: what Parameter() does for a plain tensor, 3x faster
                 t = torch.Tensor._make_subclass(_PARAM, t, False) if type(t) is torch.Tensor else _PARAM(t, False)
             objects.append(t)

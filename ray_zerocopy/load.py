@@ -12,7 +12,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping, cast
+from typing import Any, cast
 
 import ray
 import torch
@@ -20,7 +20,7 @@ import torch
 from ray_zerocopy import _cuda
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import private_views
-from ray_zerocopy._tensors import cast_floating, rebuild_model, weight_kinds
+from ray_zerocopy._tensors import cast_floating, laid, rebuild_model, weight_kinds
 from ray_zerocopy.errors import BackendMismatchError, DeviceError, FormatVersionError, LoadDtypeError, WeightsLostError
 from ray_zerocopy.guard import guard_model
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
@@ -222,7 +222,7 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chose
         else:  # still on its own copy: the stored bytes go back into it
             fresh = _fetch(ref, chosen, dev, options.dtype)
             for name, t in shared:
-                t.data.copy_(_laid(fresh[name], name, ref.layouts))
+                t.data.copy_(laid(fresh[name], name, ref.layouts))
 
     return guard_model(model, shared, restore=restore)
 
@@ -239,11 +239,6 @@ def wait_shared(model: torch.nn.Module, timeout: float | None = None) -> bool:
     return mover is None or not mover.is_alive()
 
 
-def _laid(t: torch.Tensor, name: str, layouts: Mapping) -> torch.Tensor:
-    """Stored tensor ``name`` with the strides the model gave it (see ``_tensors.SplitModel.layouts``)."""
-    return t.as_strided(*layouts[name]) if name in layouts else t
-
-
 def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]], versions: list[int],
                       layouts: dict) -> None:
     """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers,
@@ -254,7 +249,7 @@ def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, t
     try:
         with torch.inference_mode(False):
             holder = attach.tensors()
-            mapped = {name: _laid(holder[name], name, layouts) for name, _ in shared}
+            mapped = {name: laid(holder[name], name, layouts) for name, _ in shared}
             same = all(_same_bytes(t, mapped[name]) for (name, t), v in zip(shared, versions) if t._version == v)
     except Exception as exc:
         warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
