@@ -42,6 +42,10 @@ class Vma(NamedTuple):
     file: tuple[int, int, int, int]  # (device major, minor, inode, file offset of ``start``)
     path: str
 
+    def offset(self, addr: int) -> int:
+        """Where address ``addr`` of this mapping lies in its file."""
+        return self.file[3] + addr - self.start
+
 
 class _Query(ctypes.Structure):  # struct procmap_query of <linux/fs.h>
     _fields_ = ([(n, ctypes.c_uint64) for n in ("size", "query_flags", "query_addr", "vma_start", "vma_end",
@@ -158,7 +162,7 @@ def private_buffer(lo: int, nbytes: int, keep: object, marker: str = STORE_MARKE
     vma = vma_of(lo, marker)
     if vma is None or not vma.target or lo + nbytes > vma.end:
         return None
-    start = vma.file[3] + lo - vma.start  # offset in the file
+    start = vma.offset(lo)
     skip = start % mmap.ALLOCATIONGRANULARITY
     path = _file_path(vma)
     try:

@@ -221,7 +221,7 @@ def store_ranges(objects: Any) -> list[tuple[tuple[int, int, int], int, int, int
             if vma is not None and vma.target:
                 lo = view.ctypes.data // _PAGE * _PAGE
                 hi = -(-(view.ctypes.data + view.nbytes) // _PAGE) * _PAGE
-                spans.append((vma.file[:3], vma.file[3] + lo - vma.start, vma.file[3] + hi - vma.start, lo))
+                spans.append((vma.file[:3], vma.offset(lo), vma.offset(hi), lo))
     merged: list[list] = []
     for key, lo, hi, addr in sorted(spans):
         last = merged[-1] if merged else None
@@ -267,7 +267,7 @@ def _copy_via(copier: Any, buf: torch.Tensor, dst: torch.Tensor) -> bool:
     vma = vma_of(buf.data_ptr())
     if vma is None or not vma.target:
         return False
-    offset = vma.file[3] + buf.data_ptr() - vma.start
+    offset = vma.offset(buf.data_ptr())
     try:
         return ray.get(copier.copy.remote(dst.untyped_storage()._share_cuda_(), vma.file[:3], offset, buf.numel()))
     except Exception as exc:  # it exited meanwhile, CUDA IPC failed, ...
