@@ -92,7 +92,8 @@ def copy_to_device(
         device: a CUDA device of this process.
         route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``) and ``staged``: through the pinned ring
             (see the module docstring); ``copier``: by the node's copier of the model where a load set one
-            (:func:`copy_source`, ``gpu_share.py``), else staged; ``plain`` is ``buf.to(device)``.
+            (:func:`copy_source`, ``gpu_share.py``; ``auto`` too, for a model prepared with ``gpu_copiers``),
+            else staged; ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
         chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
 
@@ -116,7 +117,7 @@ def copy_to_device(
         return buf.to(device)
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)
     source = _source.get()
-    if route == "copier" and source is not None and source(buf, dst):
+    if route in ("auto", "copier") and source is not None and source(buf, dst):
         return dst
     threads, chunk_bytes = settings(threads, chunk_bytes)
     with _ring(dst.device, STAGING_BUFFERS * threads, chunk_bytes) as ring:

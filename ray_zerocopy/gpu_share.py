@@ -11,6 +11,9 @@ model, packed): fresh actors served by the copier loaded in 53-56 ms (27.5-29 GB
 75-81 ms in another lease; no same-lease A/B yet), and it costs a process with a CUDA context per model
 and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
 (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
+``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
+model's copier on every GPU of every node with GPUs at once (:func:`start_copiers`), so they come up while
+the actors start and serve first loads too; each waits ``PRESTART_WAIT_S`` for its first copy.
 
 The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import threading
 import time
 from typing import Any
@@ -57,6 +61,8 @@ NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
 COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
+RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
+PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's first copy
 READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
 # (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
 _PAGE = 4096
@@ -144,7 +150,7 @@ class _Holder:
 class _Copier:
     """Copies ranges of one model's objects, pinned in its memory, into device memory of actors on one GPU."""
 
-    def __init__(self, uuid: str, model_ref: Any) -> None:
+    def __init__(self, uuid: str, model_ref: Any, first_wait_s: float = COPIER_LINGER_S) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid  # before CUDA starts here: this GPU is cuda:0
         torch.zeros(1, device="cuda")  # (the CUDA context that pins and copies)
         self.held: Any = ray.get(list(object_refs(model_ref.payload)))  # keeps the objects in the store
@@ -158,7 +164,8 @@ class _Copier:
                     _cuda.unpin_host(done)
                 self.ranges = []
                 break
-        self.last, self.copies = time.monotonic(), 0
+        self.copies, self.first_wait_s = 0, first_wait_s
+        self.last = time.monotonic()
         self.lock = threading.Lock()  # a copy and the unpinning never overlap
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -188,7 +195,7 @@ class _Copier:
         while True:
             time.sleep(0.5)
             with self.lock:
-                if time.monotonic() - self.last < COPIER_LINGER_S:
+                if time.monotonic() - self.last < (COPIER_LINGER_S if self.copies else self.first_wait_s):
                     continue
                 for _, _, _, addr in self.ranges:
                     _cuda.unpin_host(addr)
@@ -235,8 +242,11 @@ def store_ranges(objects: Any) -> list[tuple[tuple[int, int, int], int, int, int
 def copier_source(model_ref: Any, device: torch.device) -> Any:
     """What ``_cuda.copy_source`` takes for a load of ``model_ref`` on ``device``: a function that has
     this GPU's copier of the model fill a device buffer; None where no copier is ready (one is started
-    if there is none; this load copies by itself)."""
-    if _cuda.current_route() != "copier":
+    if there is none; this load copies by itself). Used with the copier route, or for a model prepared
+    with ``gpu_copiers=True`` unless the route is set to staged or plain; a load of such a model waits for a copier
+    that is still starting about as long as copying alone would take (``RING_GBPS``), then copies alone."""
+    route = _cuda.current_route()
+    if route != "copier" and not (route == "auto" and getattr(model_ref, "gpu_copiers", False)):
         return None
     uuid = gpu_uuid(device)
     copier, new = _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref)
@@ -244,7 +254,8 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
         return None
     try:
         probe: Any = copier.ready.remote()
-        if not ray.wait([probe], timeout=READY_WAIT_S)[0]:
+        wait_s = model_ref.nbytes / RING_GBPS if route == "auto" else 0.0
+        if not ray.wait([probe], timeout=max(READY_WAIT_S, wait_s))[0]:
             return None  # still starting
         ray.get(probe)
     except Exception:  # it is exiting (a new one starts with a later load)
@@ -252,15 +263,43 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     return lambda buf, dst: _copy_via(copier, buf, dst)
 
 
-def stop_copiers() -> None:
+def start_copiers(model_ref: Any) -> None:
+    """Start ``model_ref``'s copier on every GPU of every alive node that has GPUs (one task per node lists
+    its GPUs' UUIDs with ``nvidia-smi`` and starts them there); returns at once."""
+    for node in ray.nodes():
+        if node["Alive"] and node["Resources"].get("GPU", 0) > 0:
+            _start_copiers_here.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(model_ref)
+
+
+@ray.remote(num_cpus=0)
+def _start_copiers_here(model_ref: Any) -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        warn_once(f"cannot list this node's GPUs for the copiers ({exc}); the first loads here start them")
+        return 0
+    uuids = [line.strip() for line in out.splitlines() if line.strip().startswith("GPU-")]
+    for uuid in uuids:
+        _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, PRESTART_WAIT_S)
+    return len(uuids)
+
+
+def stop_copiers() -> int:
     """End every model's copier now (each otherwise holds its model's objects for ``COPIER_LINGER_S``
-    after its last copy): the benchmark calls this between approaches."""
+    after its last copy): the benchmark calls this between approaches. Returns the loads they filled."""
+    filled = 0
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == NAMESPACE and actor["name"].startswith("copier-"):
             try:
-                ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
-            except ValueError:  # it exited meanwhile
+                copier = ray.get_actor(actor["name"], namespace=NAMESPACE)
+                probe: Any = copier.ready.remote()
+                filled += ray.get(probe, timeout=30)
+                ray.kill(copier)
+            except (ValueError, ray.exceptions.RayError):  # it exited meanwhile, or never came up
                 pass
+    return filled
 
 
 def _copy_via(copier: Any, buf: torch.Tensor, dst: torch.Tensor) -> bool:

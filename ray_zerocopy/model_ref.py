@@ -37,6 +37,8 @@ class ModelRef:
             holding the ref keeps it alive. ``None`` where the preparing process owns them.
         object_refs: every ObjectRef in ``payload`` (a load checks that Ray tracks them: see
             :func:`check_tracked`).
+        gpu_copiers: prepared with ``gpu_copiers=True``: GPU loads are filled by the model's copiers
+            (``gpu_share.py``).
         member: for models of one pipeline that share submodules, prepared together as one
             ``ModuleList``: the index of this model in it (``None`` for a model prepared alone).
     """
@@ -51,6 +53,7 @@ class ModelRef:
     owner: Any = field(default=None, repr=False, compare=False)
     object_refs: tuple[ray.ObjectRef, ...] = field(default=(), repr=False)
     member: int | None = None
+    gpu_copiers: bool = False
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Pickled outside Ray (Serve's .bind arguments), its ObjectRefs would be pinned for the rest of the

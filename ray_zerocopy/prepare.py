@@ -20,6 +20,7 @@ def prepare_model_for_actors(
     checkpoint: str | os.PathLike | None = None,
     node: str | None = None,
     progress: bool | None = None,
+    gpu_copiers: bool = False,
 ) -> ModelRef:
     """Put a model's weights into Ray's object store once; return a small ref to pass to actors.
 
@@ -42,6 +43,10 @@ def prepare_model_for_actors(
             the weights. Needs ``checkpoint``.
         progress: show bytes and rate on stderr while preparing; ``None``: for models of 1 GiB or more,
             unless the environment sets ``RAY_ZEROCOPY_PROGRESS=0``.
+        gpu_copiers: start now, on every GPU of every node with GPUs, a copier process that keeps the
+            weights pinned and fills each GPU load of this model (first loads included) with one DMA
+            through CUDA IPC (``gpu_share.py``). Costs a CUDA context per GPU and keeps the weights
+            pinned until ``$RAY_ZEROCOPY_COPIER_WAIT_S`` (300) pass with no load, or 10 s after the last.
 
     Returns:
         A :class:`ModelRef`; pass it to actors (e.g. in ``fn_constructor_kwargs``).
@@ -70,5 +75,10 @@ def prepare_model_for_actors(
     split = split_model(model, allow_meta=checkpoint is not None)
     stored = store_weights(chosen, split, checkpoint, node, progress)
     nbytes = sum(t.nbytes for t in split.weights.values())
-    return ModelRef(split.skeleton, stored.payload, chosen.name, chosen.format_version, nbytes, stored.layouts,
-                    owner=stored.owner, object_refs=object_refs(stored.payload))
+    ref = ModelRef(split.skeleton, stored.payload, chosen.name, chosen.format_version, nbytes, stored.layouts,
+                   owner=stored.owner, object_refs=object_refs(stored.payload), gpu_copiers=gpu_copiers)
+    if gpu_copiers:
+        from ray_zerocopy.gpu_share import start_copiers
+
+        start_copiers(ref)
+    return ref

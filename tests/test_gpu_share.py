@@ -211,6 +211,57 @@ def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
     assert _wait(lambda: _copier(ref, uuid) is None, COPIER_LINGER_S + 15)
 
 
+@needs_cuda
+def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
+    """``gpu_copiers=True``: prepare starts the model's copier on this GPU (no load needed, no route set),
+    and a fresh actor's first load is filled by it (one DMA), with the same outputs; ``staged`` opts out."""
+    from ray_zerocopy.gpu_share import gpu_uuid, stop_copiers
+
+    model = _big_model()[:4]
+    ref = prepare_model_for_actors(model, backend=backend, gpu_copiers=True)
+    uuid = gpu_uuid(torch.device("cuda", 0))  # (this process sees the same GPU as Ray's only one)
+    assert ref.gpu_copiers and _wait(lambda: _copier(ref, uuid) is not None), "prepare started no copier"
+    copier = _copier(ref, uuid)
+    assert ray.get(copier.ready.remote(), timeout=60) == 0
+    x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(6))
+    first, opted_out = Sharer.remote(), Sharer.options(runtime_env={"env_vars": {ROUTE_ENV: "staged"}}).remote()
+    try:
+        ray.get([first.start_cuda.remote(), opted_out.start_cuda.remote()])
+        ray.get(first.load.remote(ref, False))
+        one_buffer = backend != "fake_per_tensor"  # (that test transport copies tensor by tensor: no copier)
+        assert ray.get(copier.ready.remote()) == one_buffer
+        ray.get(opted_out.load.remote(ref, False))
+        assert ray.get(copier.ready.remote()) == one_buffer
+        with torch.no_grad():
+            expected = model(x)
+        for a in (first, opted_out):
+            torch.testing.assert_close(ray.get(a.run.remote(x)), expected, rtol=1e-3, atol=1e-3)
+    finally:
+        for a in (first, opted_out):
+            ray.kill(a)
+    assert stop_copiers() == one_buffer and _copier(ref, uuid) is None
+
+
+def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
+    """``gpu_copiers=True`` where no node has GPUs starts nothing, and loads work as without it."""
+    from ray_zerocopy.gpu_share import stop_copiers
+
+    if ray.cluster_resources().get("GPU", 0):
+        pytest.skip("this Ray has GPUs (the GPU test above covers it)")
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    ref = prepare_model_for_actors(model, backend="packed", gpu_copiers=True)
+    x = torch.randn(2, 64)
+
+    @ray.remote
+    def run(ref, x):
+        return load_model_in_actor(ref)(x)
+
+    with torch.no_grad():
+        assert torch.equal(ray.get(run.remote(ref, x)), model(x))
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("copier-")]
+    assert stop_copiers() == 0
+
+
 def test_store_ranges_cover_every_array_at_its_address(ray_local):
     """The copier's map of a model's objects in Ray's store: page-aligned, non-overlapping ranges of the
     store's file, each array inside one, at the address this process maps it (CPU: no CUDA needed)."""

@@ -201,11 +201,14 @@ def _moved(model: torch.nn.Module, device: str) -> torch.nn.Module:
     return model if device == "cpu" else model.to(device)
 
 
+OURS_OPTIONS: dict[str, Any] = {}  # keyword arguments of our prepare calls (bench --gpu-copiers)
+
+
 def _prepare_ours(backend: str) -> Callable[[torch.nn.Module, str], Prepared]:
     def prepare(model: torch.nn.Module, workdir: str) -> Prepared:
         from ray_zerocopy.prepare import prepare_model_for_actors
 
-        model_ref = prepare_model_for_actors(model, backend=backend)
+        model_ref = prepare_model_for_actors(model, backend=backend, **OURS_OPTIONS)
         # actors get the small ModelRef itself, as Ray Data's fn_constructor_kwargs deliver it (and as
         # users hold it); the other approaches get what their users hold: an ObjectRef to the data
         return Prepared(model_ref, list(model_ref.object_refs))
@@ -222,7 +225,7 @@ def _prepare_ours_checkpoint(backend: str) -> Callable[[torch.nn.Module, str], P
     def prepare(model: torch.nn.Module, workdir: str) -> Prepared:
         from ray_zerocopy.hf import prepare_pretrained
 
-        model_ref = prepare_pretrained(CHECKPOINT["path"], backend=backend, progress=False)
+        model_ref = prepare_pretrained(CHECKPOINT["path"], backend=backend, progress=False, **OURS_OPTIONS)
         return Prepared(model_ref, list(model_ref.object_refs))
 
     return prepare

@@ -39,6 +39,7 @@ from ray_zerocopy.bench.approaches import (
     CHECKPOINT,
     CKPT_PREFIX,
     NATIVE,
+    OURS_OPTIONS,
     OURS_PREFIX,
     Prepared,
     all_tensors,
@@ -209,7 +210,9 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
         if opts.device != "cpu":  # (ours: the model's copiers would hold its objects a few seconds more)
             from ray_zerocopy.gpu_share import stop_copiers
 
-            stop_copiers()
+            res["copier_fills"] = stop_copiers()
+            if opts.args.gpu_copiers:
+                progress(f"  {name}: its copiers filled {res['copier_fills']} loads")
         gc.collect()
         shutil.rmtree(adir, ignore_errors=True)
     summarize(res, ctx.model_bytes, opts.device)
@@ -264,7 +267,7 @@ def _meta(opts: Options, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
         "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
         "actors": opts.actors, "device": opts.device, "repeats": opts.repeats,
         "fast_repeats": opts.fast_repeats, "fast_s": FAST_S, "cold_rounds": opts.cold_rounds,
-        "together": opts.args.together, "share_gpu": opts.args.share_gpu,
+        "together": opts.args.together, "share_gpu": opts.args.share_gpu, "gpu_copiers": opts.args.gpu_copiers,
         "cpus": psutil.cpu_count(),
         "load_avg_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
@@ -286,6 +289,7 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     try:
         ctx = Context(workdir, os.path.join(workdir, "reference.pt"), meta["model_bytes"])
         torch.save(all_tensors(model), ctx.reference)
+        OURS_OPTIONS["gpu_copiers"] = opts.args.gpu_copiers
         if opts.args.checkpoint:
             CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")
             cast(Any, model).save_pretrained(CHECKPOINT["path"], max_shard_size=max(meta["model_bytes"] // 3, 2**20))

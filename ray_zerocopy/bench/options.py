@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         "adds the aggregate GB/s and the time until the last actor is ready")
     p.add_argument("--share-gpu", action="store_true",
                    help="with --device cuda: our transports load with share_gpu=True (actors on one GPU map one copy)")
+    p.add_argument("--gpu-copiers", action="store_true",
+                   help="with --device cuda: ours prepare with gpu_copiers=True (a copier per GPU, started at "
+                        "prepare, fills every load by one DMA; 'copier fills' counts the loads it filled)")
     p.add_argument("--checkpoint", action="store_true",
                    help="also prepare ours from a checkpoint folder (the model saved with save_pretrained, sharded): "
                         "adds rzc-ckpt:<backend> per backend, and from_pretrained_put (from_pretrained + ray.put)")
@@ -94,8 +97,8 @@ def parse_options(argv: list[str]) -> Options:
                          f"{args.actors}, {args.repeats}, {args.cold_rounds} and {args.fast_repeats}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if args.share_gpu and args.device == "cpu":
-        raise ValueError("--share-gpu needs --device cuda (CPU weights are shared host memory anyway)")
+    if (args.share_gpu or args.gpu_copiers) and args.device == "cpu":
+        raise ValueError("--share-gpu and --gpu-copiers need --device cuda (CPU weights are shared host memory anyway)")
     spec = make_spec(args.model, args.dtype, args.layers, args.hidden)
     return Options(args, spec, _select(args), args.actors, args.device, args.repeats, args.fast_repeats,
                    args.cold_rounds)
