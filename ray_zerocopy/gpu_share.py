@@ -246,7 +246,7 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     with ``gpu_copiers=True`` unless the route is set to staged or plain; a load of such a model waits for a copier
     that is still starting about as long as copying alone would take (``RING_GBPS``), then copies alone."""
     route = _cuda.current_route()
-    if route != "copier" and not (route == "auto" and getattr(model_ref, "gpu_copiers", False)):
+    if route != "copier" and not (route == "auto" and model_ref.gpu_copiers):
         return None
     uuid = gpu_uuid(device)
     copier, new = _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref)
@@ -294,11 +294,14 @@ def stop_copiers() -> int:
         if actor["namespace"] == NAMESPACE and actor["name"].startswith("copier-"):
             try:
                 copier = ray.get_actor(actor["name"], namespace=NAMESPACE)
+            except ValueError:  # it exited meanwhile
+                continue
+            try:
                 probe: Any = copier.ready.remote()
                 filled += ray.get(probe, timeout=30)
-                ray.kill(copier)
-            except (ValueError, ray.exceptions.RayError):  # it exited meanwhile, or never came up
+            except ray.exceptions.RayError:  # it is exiting, or never came up
                 pass
+            ray.kill(copier)
     return filled
 
 
