@@ -12,8 +12,8 @@ model, packed): fresh actors served by the copier loaded in 53-56 ms (27.5-29 GB
 and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
 (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 ``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
-model's copier on every GPU of every node with GPUs at once (:func:`start_copiers`), so they come up while
-the actors start and serve first loads too; each waits ``PRESTART_WAIT_S`` for its first copy.
+model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and returns once they are up,
+so they serve first loads too; each waits ``PRESTART_WAIT_S`` for its first copy.
 
 The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
@@ -62,6 +62,7 @@ LINGER_S = 2.0  # an unused holder waits this long for a new user before it free
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
 COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
 RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
+COPIER_START_S = 120.0  # prepare waits this long for a copier to be up
 PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's first copy
 READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
 # (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
@@ -263,13 +264,15 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     return lambda buf, dst: _copy_via(copier, buf, dst)
 
 
-def start_copiers(model_ref: Any) -> None:
+def start_copiers(model_ref: Any) -> int:
     """Start ``model_ref``'s copier on every GPU of every alive node that has GPUs (one task per node lists
-    its GPUs' UUIDs with ``nvidia-smi`` and starts them there); returns at once."""
-    for node in ray.nodes():
-        if node["Alive"] and node["Resources"].get("GPU", 0) > 0:
-            _start_copiers_here.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(model_ref)
+    its GPUs' UUIDs with ``nvidia-smi`` and starts them there); returns once they are up (they pinned the
+    weights), with how many are. A fresh actor's first load then finds its copier ready: on the H200, with
+    prepare returning at once, the first fresh actor loaded before its copier was up (169 ms, the ring)."""
+    tasks = [_start_copiers_here.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(model_ref)
+        for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0]
+    return sum(ray.get(tasks))
 
 
 @ray.remote(num_cpus=0)
@@ -281,9 +284,15 @@ def _start_copiers_here(model_ref: Any) -> int:
         warn_once(f"cannot list this node's GPUs for the copiers ({exc}); the first loads here start them")
         return 0
     uuids = [line.strip() for line in out.splitlines() if line.strip().startswith("GPU-")]
-    for uuid in uuids:
-        _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, PRESTART_WAIT_S)
-    return len(uuids)
+    copiers = [_start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, PRESTART_WAIT_S)[0] for uuid in uuids]
+    up = 0
+    for uuid, copier in zip(uuids, copiers):
+        try:
+            ray.get(copier.ready.remote(), timeout=COPIER_START_S)
+            up += 1
+        except ray.exceptions.RayError as exc:  # (a load on that GPU starts another, or copies alone)
+            warn_once(f"the copier on {uuid} did not come up in {COPIER_START_S:.0f} s ({type(exc).__name__}: {exc})")
+    return up
 
 
 def stop_copiers() -> int:

@@ -43,9 +43,9 @@ def prepare_model_for_actors(
             the weights. Needs ``checkpoint``.
         progress: show bytes and rate on stderr while preparing; ``None``: for models of 1 GiB or more,
             unless the environment sets ``RAY_ZEROCOPY_PROGRESS=0``.
-        gpu_copiers: start now, on every GPU of every node with GPUs, a copier process that keeps the
+        gpu_copiers: start, on every GPU of every node with GPUs, a copier process that keeps the
             weights pinned and fills each GPU load of this model (first loads included) with one DMA
-            through CUDA IPC (``gpu_share.py``). Costs a CUDA context per GPU and keeps the weights
+            through CUDA IPC (``gpu_share.py``); returns once they are up. Costs a CUDA context per GPU and keeps the weights
             pinned until ``$RAY_ZEROCOPY_COPIER_WAIT_S`` (300) pass with no load, or 10 s after the last.
 
     Returns:
