@@ -180,6 +180,13 @@ def _copier(ref, uuid: str):
         return None
 
 
+def _same_outputs_as(model: nn.Module, x: torch.Tensor, *actors) -> None:
+    with torch.no_grad():
+        expected = model(x)
+    for a in actors:
+        torch.testing.assert_close(ray.get(a.run.remote(x)), expected, rtol=1e-3, atol=1e-3)
+
+
 @needs_cuda
 def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
     """With the copier route, the first private load on a GPU starts the model's copier there; later loads
@@ -201,10 +208,7 @@ def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
         ray.get(second.load.remote(ref, False))
         one_buffer = backend != "fake_per_tensor"  # (that test transport copies tensor by tensor: no copier)
         assert ray.get(copier.ready.remote()) == copies + one_buffer, (copies, ray.get(copier.ready.remote()))
-        with torch.no_grad():
-            expected = model(x)
-        for a in (first, second):
-            torch.testing.assert_close(ray.get(a.run.remote(x)), expected, rtol=1e-3, atol=1e-3)
+        _same_outputs_as(model, x, first, second)
     finally:
         for a in (first, second):
             ray.kill(a)
@@ -232,10 +236,7 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
         assert ray.get(copier.ready.remote()) == one_buffer
         ray.get(opted_out.load.remote(ref, False))
         assert ray.get(copier.ready.remote()) == one_buffer
-        with torch.no_grad():
-            expected = model(x)
-        for a in (first, opted_out):
-            torch.testing.assert_close(ray.get(a.run.remote(x)), expected, rtol=1e-3, atol=1e-3)
+        _same_outputs_as(model, x, first, opted_out)
     finally:
         for a in (first, opted_out):
             ray.kill(a)
