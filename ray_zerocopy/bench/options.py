@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --device cuda: our transports load with share_gpu=True (actors on one GPU map one copy)")
     p.add_argument("--gpu-copiers", action="store_true",
                    help="with --device cuda: ours prepare with gpu_copiers=True (a copier per GPU, started at "
-                        "prepare, fills every load by one DMA; 'copier fills' counts the loads it filled)")
+                        "prepare, fills every load by one DMA; prints how many loads the copiers filled)")
     p.add_argument("--checkpoint", action="store_true",
                    help="also prepare ours from a checkpoint folder (the model saved with save_pretrained, sharded): "
                         "adds rzc-ckpt:<backend> per backend, and from_pretrained_put (from_pretrained + ray.put)")
