@@ -92,9 +92,13 @@ def _wait_dead(actor_id: str, timeout: float = 30) -> bool:
 def test_owner_death_gives_weights_lost(cluster, checkpoint):
     ref = prepare_model_for_actors(_skeleton(), checkpoint=checkpoint[1], node=cluster)
     ray.kill(ref.owner)
-    time.sleep(1)
+    assert _wait_dead(ref.owner._actor_id.hex()), "ray.kill did not end the owner"
+    # Ray tells the nodes of the owner's death a moment later (loads meanwhile still read intact weights)
+    deadline = time.time() + 30
     with pytest.raises(ray.exceptions.RayTaskError) as info:
-        ray.get(_run.remote(ref, torch.randn(1, 2048)))
+        while time.time() < deadline:
+            ray.get(_run.remote(ref, torch.randn(1, 2048)), timeout=60)
+            time.sleep(0.5)
     assert isinstance(info.value.cause, WeightsLostError)
 
 
