@@ -250,7 +250,7 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     if route != "copier" and not (route == "auto" and model_ref.gpu_copiers):
         return None
     uuid = gpu_uuid(device)
-    copier, new = _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref)
+    copier, new = _copier(model_ref, uuid)
     if new:  # (for the loads that follow)
         return None
     try:
@@ -284,7 +284,7 @@ def _start_copiers_here(model_ref: Any) -> int:
         warn_once(f"cannot list this node's GPUs for the copiers ({exc}); the first loads here start them")
         return 0
     uuids = [line.strip() for line in out.splitlines() if line.strip().startswith("GPU-")]
-    copiers = [_start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, PRESTART_WAIT_S)[0] for uuid in uuids]
+    copiers = [_copier(model_ref, uuid, PRESTART_WAIT_S)[0] for uuid in uuids]
     up = 0
     for uuid, copier in zip(uuids, copiers):
         try:
@@ -347,6 +347,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process: it exists
         return True
     return True
+
+
+def _copier(model_ref: Any, uuid: str, first_wait_s: float = COPIER_LINGER_S) -> tuple[Any, bool]:
+    return _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, first_wait_s)
 
 
 def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> tuple[Any, bool]:
