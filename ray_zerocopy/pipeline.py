@@ -79,7 +79,8 @@ def set_attr(obj: Any, name: str, value: Any) -> None:
 
 
 def rewrite_pipeline_for_actors(
-    pipeline: Any, model_attr_names: Sequence[str] | None = None, backend: str = DEFAULT_BACKEND
+    pipeline: Any, model_attr_names: Sequence[str] | None = None, backend: str = DEFAULT_BACKEND, *,
+    gpu_copiers: bool = False,
 ) -> tuple[Any, dict[str, ModelRef]]:
     """Prepare every model held as an attribute of ``pipeline`` (several models in one object).
 
@@ -87,6 +88,7 @@ def rewrite_pipeline_for_actors(
         pipeline: any object whose attributes include ``nn.Module`` instances.
         model_attr_names: which attributes are models; default: every ``nn.Module`` attribute.
         backend: weight transport for all the models.
+        gpu_copiers: as for :func:`~ray_zerocopy.prepare.prepare_model_for_actors`, for every model.
 
     Returns:
         ``(skeleton, model_refs)``: a shallow copy of the pipeline with those attributes set to
@@ -107,9 +109,9 @@ def rewrite_pipeline_for_actors(
     names = model_attrs(pipeline, model_attr_names)
     models = {id(m): m for m in (getattr(pipeline, name) for name in names)}  # a model held twice: once
     if share_parts(list(models.values())):
-        by_id = dict(zip(models, prepare_together(list(models.values()), backend)))
+        by_id = dict(zip(models, prepare_together(list(models.values()), backend, gpu_copiers)))
     else:
-        by_id = {key: prepare_model_for_actors(m, backend=backend) for key, m in models.items()}
+        by_id = {key: prepare_model_for_actors(m, backend=backend, gpu_copiers=gpu_copiers) for key, m in models.items()}
     refs = {name: by_id[id(getattr(pipeline, name))] for name in names}
     skeleton = shallow_copy(pipeline)
     for name in names:
@@ -130,11 +132,11 @@ def share_parts(models: list[torch.nn.Module]) -> bool:
     return False
 
 
-def prepare_together(models: list[torch.nn.Module], backend: str) -> list[ModelRef]:
+def prepare_together(models: list[torch.nn.Module], backend: str, gpu_copiers: bool = False) -> list[ModelRef]:
     """Prepare models that share parts as one ``ModuleList``: the shared weights are stored once, and
     an actor loads them as one object (the submodule every model holds is one module again). Each
     model gets a ModelRef of the whole group naming its index (loading one alone loads the group)."""
-    group = prepare_model_for_actors(torch.nn.ModuleList(models), backend=backend)
+    group = prepare_model_for_actors(torch.nn.ModuleList(models), backend=backend, gpu_copiers=gpu_copiers)
     return [dataclasses.replace(group, member=i) for i in range(len(models))]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 
 import numpy as np
 import pytest
@@ -15,7 +16,13 @@ import ray
 import torch
 from torch import nn
 
-from ray_zerocopy import SharedWeightWriteError, load_model_in_actor, prepare_model_for_actors
+from ray_zerocopy import (
+    SharedWeightWriteError,
+    load_model_in_actor,
+    load_pipeline_in_actor,
+    prepare_model_for_actors,
+    rewrite_pipeline_for_actors,
+)
 from ray_zerocopy._cuda import ROUTE_ENV
 from ray_zerocopy.gpu_share import NAMESPACE
 
@@ -243,8 +250,37 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
     assert stop_copiers() == one_buffer and _copier(ref, uuid) is None
 
 
+@needs_cuda
+def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
+    """``rewrite_pipeline_for_actors(..., gpu_copiers=True)``: prepare starts a copier for each model (two
+    models that share a submodule are one group: one copier), and the pipeline loads on the GPU with them."""
+    from ray_zerocopy.gpu_share import gpu_uuid, stop_copiers
+
+    shared = nn.Linear(256, 256)
+    pipe = types.SimpleNamespace(a=nn.Sequential(shared, nn.ReLU()), b=nn.Sequential(shared, nn.Linear(256, 8)),
+                                 c=nn.Linear(256, 4))
+    skeleton, refs = rewrite_pipeline_for_actors(pipe, backend="packed", gpu_copiers=True)
+    uuid = gpu_uuid(torch.device("cuda", 0))
+    assert refs["a"].uid == refs["b"].uid != refs["c"].uid
+    assert all(_copier(r, uuid) is not None for r in refs.values()), "prepare started no copier"
+
+    @ray.remote(num_gpus=0.25)
+    def run(skeleton, refs, x):
+        loaded = load_pipeline_in_actor(skeleton, refs, device="cuda")
+        with torch.no_grad():
+            return loaded.b(loaded.a(x.cuda())).cpu(), loaded.c(x.cuda()).cpu()
+
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        want = pipe.b(pipe.a(x)), pipe.c(x)
+    got = ray.get(run.remote(skeleton, refs, x))
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert stop_copiers() == 2
+
+
 def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
-    """``gpu_copiers=True`` where no node has GPUs starts nothing, and loads work as without it."""
+    """``gpu_copiers=True`` where no node has GPUs starts nothing, and loads work as without it (a model and
+    a pipeline)."""
     from ray_zerocopy.gpu_share import stop_copiers
 
     if ray.cluster_resources().get("GPU", 0):
@@ -257,8 +293,18 @@ def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
     def run(ref, x):
         return load_model_in_actor(ref)(x)
 
+    pipe = types.SimpleNamespace(encoder=model, head=nn.Linear(8, 2))
+    skeleton, refs = rewrite_pipeline_for_actors(pipe, gpu_copiers=True)
+    assert all(r.gpu_copiers for r in refs.values())
+
+    @ray.remote
+    def run_pipeline(skeleton, refs, x):
+        loaded = load_pipeline_in_actor(skeleton, refs)
+        return loaded.head(loaded.encoder(x))
+
     with torch.no_grad():
         assert torch.equal(ray.get(run.remote(ref, x)), model(x))
+        assert torch.equal(ray.get(run_pipeline.remote(skeleton, refs, x)), pipe.head(model(x)))
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("copier-")]
     assert stop_copiers() == 0
 
