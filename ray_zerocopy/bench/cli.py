@@ -118,10 +118,11 @@ def _measure_actors(
             res["cold_together_s"], res["cold_together_actors"] = time.perf_counter() - t0, len(actors)
         else:
             res["cold_s"] = [ray.get(a.load.remote(name, wrapped)) for a in actors] + cold  # one at a time
-        mem = ray.get([a.run_and_measure.remote(files_marker) for a in actors])
-        if device_before:  # device memory the N loaded models added, every GPU they use counted once
+        if device_before:  # device memory the N loaded models added, every GPU they use counted once; before
+            ray.get([a.settle.remote() for a in actors])  # a forward loads kernels (CUDA context, not weights)
             after = _device_used(actors)
             res["device_added_bytes"] = sum(after[g] - device_before[g] for g in after)
+        mem = ray.get([a.run_and_measure.remote(files_marker) for a in actors])
         files = {path: size for m in mem for path, size in m["files"].items()}
         res["mapped_file_bytes"] = sum(files.values())  # page cache the actors' weights live in, once
         res["actor_pss_added_bytes"] = [m["pss"] for m in mem]

@@ -176,6 +176,16 @@ class BenchActor:
         """Seconds to load (``wrapped[0]`` is the handle; a list keeps Ray from resolving its refs)."""
         return self._load(approach, wrapped[0])
 
+    def settle(self) -> None:
+        """After a load: with ``share_gpu``, wait until this actor maps the holder's copy (a first load starts
+        on its own); free what the caching allocator holds unused, so :meth:`device_used` counts the model."""
+        if self.share_gpu and self.model is not None:
+            from ray_zerocopy.load import wait_shared
+
+            wait_shared(self.model, 120)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     def device_used(self) -> tuple[str, int] | None:
         """(this actor's GPU UUID, bytes in use on that GPU by every process), or None on the CPU."""
         if not self.device.startswith("cuda"):
@@ -186,14 +196,8 @@ class BenchActor:
     def run_and_measure(self, files_marker: str | None) -> dict[str, Any]:
         """Run the loaded model once, then the memory it added to this process (see :func:`process_memory`)."""
         assert self.model is not None, "load first"
-        if self.share_gpu:  # memory once every actor maps the holder's copy (a first load starts on its own)
-            from ray_zerocopy.load import wait_shared
-
-            wait_shared(self.model, 120)
         self.out = run_model(self.model, self.ids)
         gc.collect()
-        if self.device.startswith("cuda"):  # device memory counts what the model holds, not the forward's freed cache
-            torch.cuda.empty_cache()
         now = process_memory(files_marker)
         return {k: now[k] - self.base[k] if k != "files" else now[k] for k in now}
 

@@ -123,8 +123,9 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
                   "  start until the last was ready (last ready ms), first loads (cold) and later ones (warm)."]
     if device != "cpu":
         notes += ["dev mem x: device memory the actors' models added on their GPUs (all processes: a share_gpu",
-                  "  holder and its CUDA context included), after one forward and empty_cache() (cuBLAS's workspace",
-                  "  stays) / model bytes; USS/actor is host memory, CUDA contexts excluded.",
+                  "  holder and its CUDA context included), after the loads and empty_cache(), before any forward",
+                  "  (its kernels and cuBLAS workspace belong to the CUDA context) / model bytes; USS/actor is host",
+                  "  memory, CUDA contexts excluded.",
                   "H2D GB/s: model bytes / median load time (call to ready model, synchronized); each actor",
                   "  creates its CUDA context before its cold load. Pinned-memory peak host-to-device in this run: "
                   f"{meta.get('pinned_peak_gbps') or 0:.2f} GB/s"]
