@@ -256,9 +256,9 @@ def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
     models that share a submodule are one group: one copier), and the pipeline loads on the GPU with them."""
     from ray_zerocopy.gpu_share import gpu_uuid, stop_copiers
 
-    shared = nn.Linear(256, 256)
-    pipe = types.SimpleNamespace(a=nn.Sequential(shared, nn.ReLU()), b=nn.Sequential(shared, nn.Linear(256, 8)),
-                                 c=nn.Linear(256, 4))
+    shared = nn.Linear(2048, 2048)  # 16 MiB each (a copier fills loads of 8 MiB or more)
+    pipe = types.SimpleNamespace(a=nn.Sequential(shared, nn.ReLU()), b=nn.Sequential(shared, nn.Linear(2048, 8)),
+                                 c=nn.Linear(2048, 2048))
     skeleton, refs = rewrite_pipeline_for_actors(pipe, backend="packed", gpu_copiers=True)
     uuid = gpu_uuid(torch.device("cuda", 0))
     assert refs["a"].uid == refs["b"].uid != refs["c"].uid
@@ -270,7 +270,7 @@ def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
         with torch.no_grad():
             return loaded.b(loaded.a(x.cuda())).cpu(), loaded.c(x.cuda()).cpu()
 
-    x = torch.randn(2, 256)
+    x = torch.randn(2, 2048)
     with torch.no_grad():
         want = pipe.b(pipe.a(x)), pipe.c(x)
     got = ray.get(run.remote(skeleton, refs, x))
