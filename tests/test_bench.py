@@ -95,6 +95,9 @@ def test_selection_keeps_table_order_and_expands_ours() -> None:
     assert opts.approaches == ["rzc:object_store", "classic", "torch_load"]
 
 
+CONTEXT_GROWTH = 160 << 20
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible; runs on a GPU machine")
 @pytest.mark.parametrize("share_gpu", [False, True])
 def test_four_actors_load_together_on_one_gpu(tmp_path: Path, share_gpu: bool) -> None:
@@ -110,7 +113,9 @@ def test_four_actors_load_together_on_one_gpu(tmp_path: Path, share_gpu: bool) -
         assert r["cold_together_actors"] == 4 and r["together_cold_gbps"] > 0 and r["together_warm_gbps"] > 0, r
         if r["kind"] == "ours":
             assert r["max_abs_diff"] == 0.0, r["name"]
-            # the holder's copy and its CUDA context (about 0.5 GiB), or four private copies
-            limit = 2 * model_bytes + (1 << 30) if share_gpu else 5 * model_bytes
+            # the holder's copy and its CUDA context (about 0.5 GiB), or four private copies; and each actor's
+            # CUDA context grows during its first load (on the H200: 72 MB per actor for object_store, 130 MB after
+            # a forward), whatever the model's size; a second copy in every actor still fails
+            limit = (2 * model_bytes + (1 << 30) if share_gpu else 4 * model_bytes) + 4 * CONTEXT_GROWTH
             assert model_bytes <= r["device_added_bytes"] < limit, (r["name"], r["device_added_bytes"], model_bytes)
     print(proc.stdout)

@@ -252,29 +252,27 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
 
 @needs_cuda
 def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
-    """``rewrite_pipeline_for_actors(..., gpu_copiers=True)``: prepare starts a copier for each model (two
-    models that share a submodule are one group: one copier), and the pipeline loads on the GPU with them."""
+    """``rewrite_pipeline_for_actors(..., gpu_copiers=True)``: prepare starts a copier for each of the
+    pipeline's models, and the pipeline loads on the GPU through them."""
     from ray_zerocopy.gpu_share import gpu_uuid, stop_copiers
 
-    shared = nn.Linear(2048, 2048)  # 16 MiB each (a copier fills loads of 8 MiB or more)
-    pipe = types.SimpleNamespace(a=nn.Sequential(shared, nn.ReLU()), b=nn.Sequential(shared, nn.Linear(2048, 8)),
-                                 c=nn.Linear(2048, 2048))
+    torch.manual_seed(0)  # 16 MiB each (a copier fills loads of 8 MiB or more)
+    pipe = types.SimpleNamespace(a=nn.Linear(2048, 2048), b=nn.Linear(2048, 2048))
     skeleton, refs = rewrite_pipeline_for_actors(pipe, backend="packed", gpu_copiers=True)
     uuid = gpu_uuid(torch.device("cuda", 0))
-    assert refs["a"].uid == refs["b"].uid != refs["c"].uid
+    assert refs["a"].uid != refs["b"].uid
     assert all(_copier(r, uuid) is not None for r in refs.values()), "prepare started no copier"
 
     @ray.remote(num_gpus=0.25)
     def run(skeleton, refs, x):
         loaded = load_pipeline_in_actor(skeleton, refs, device="cuda")
         with torch.no_grad():
-            return loaded.b(loaded.a(x.cuda())).cpu(), loaded.c(x.cuda()).cpu()
+            return loaded.b(loaded.a(x.cuda())).cpu()
 
     x = torch.randn(2, 2048)
     with torch.no_grad():
-        want = pipe.b(pipe.a(x)), pipe.c(x)
-    got = ray.get(run.remote(skeleton, refs, x))
-    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+        want = pipe.b(pipe.a(x))
+    assert torch.allclose(ray.get(run.remote(skeleton, refs, x)), want, atol=1e-4)
     assert stop_copiers() == 2
 
 
@@ -293,9 +291,9 @@ def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
     def run(ref, x):
         return load_model_in_actor(ref)(x)
 
-    pipe = types.SimpleNamespace(encoder=model, head=nn.Linear(8, 2))
+    pipe = types.SimpleNamespace(encoder=model, head=nn.Linear(8, 2), first=model[0])  # (shared parts: one group)
     skeleton, refs = rewrite_pipeline_for_actors(pipe, gpu_copiers=True)
-    assert all(r.gpu_copiers for r in refs.values())
+    assert len({r.uid for r in refs.values()}) == 1 and all(r.gpu_copiers for r in refs.values())
 
     @ray.remote
     def run_pipeline(skeleton, refs, x):
