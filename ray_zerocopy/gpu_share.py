@@ -13,7 +13,9 @@ and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its la
 (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 ``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
 model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and returns once they are up,
-so they serve first loads too; each waits ``PRESTART_WAIT_S`` for its first copy.
+so they serve first loads too; each exits once ``PRESTART_WAIT_S`` pass with no copy (a pool's actors
+arrive over minutes: restarts, autoscaling; on the H200 a fresh actor 30 s after the last load found a
+10 s copier gone and copied alone, 156 against 56-58 ms).
 
 The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
@@ -63,7 +65,7 @@ ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new on
 COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
 RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
 COPIER_START_S = 120.0  # prepare waits this long for a copier to be up
-PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's first copy
+PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's idle limit
 READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
 # (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
 _PAGE = 4096
@@ -151,7 +153,7 @@ class _Holder:
 class _Copier:
     """Copies ranges of one model's objects, pinned in its memory, into device memory of actors on one GPU."""
 
-    def __init__(self, uuid: str, model_ref: Any, first_wait_s: float = COPIER_LINGER_S) -> None:
+    def __init__(self, uuid: str, model_ref: Any, idle_s: float = COPIER_LINGER_S) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid  # before CUDA starts here: this GPU is cuda:0
         torch.zeros(1, device="cuda")  # (the CUDA context that pins and copies)
         self.held: Any = ray.get(list(object_refs(model_ref.payload)))  # keeps the objects in the store
@@ -165,7 +167,7 @@ class _Copier:
                     _cuda.unpin_host(done)
                 self.ranges = []
                 break
-        self.copies, self.first_wait_s = 0, first_wait_s
+        self.copies, self.idle_s = 0, idle_s  # it exits once idle_s pass with no copy
         self.last = time.monotonic()
         self.lock = threading.Lock()  # a copy and the unpinning never overlap
         threading.Thread(target=self._watch, daemon=True).start()
@@ -196,7 +198,7 @@ class _Copier:
         while True:
             time.sleep(0.5)
             with self.lock:
-                if time.monotonic() - self.last < (COPIER_LINGER_S if self.copies else self.first_wait_s):
+                if time.monotonic() - self.last < self.idle_s:
                     continue
                 for _, _, _, addr in self.ranges:
                     _cuda.unpin_host(addr)
@@ -296,8 +298,9 @@ def _start_copiers_here(model_ref: Any) -> int:
 
 
 def stop_copiers() -> int:
-    """End every model's copier now (each otherwise holds its model's objects for ``COPIER_LINGER_S``
-    after its last copy): the benchmark calls this between approaches. Returns the loads they filled."""
+    """End every model's copier now (each otherwise holds its model's objects until it has been idle for
+    ``COPIER_LINGER_S``, or ``PRESTART_WAIT_S`` if started by prepare): the benchmark calls this between
+    approaches. Returns the loads they filled."""
     filled = 0
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == NAMESPACE and actor["name"].startswith("copier-"):
@@ -349,8 +352,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _copier(model_ref: Any, uuid: str, first_wait_s: float = COPIER_LINGER_S) -> tuple[Any, bool]:
-    return _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, first_wait_s)
+def _copier(model_ref: Any, uuid: str, idle_s: float = COPIER_LINGER_S) -> tuple[Any, bool]:
+    return _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, idle_s)
 
 
 def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> tuple[Any, bool]:
