@@ -215,11 +215,15 @@ class BenchActor:
         samples steady the median on a busy machine)."""
         times: list[float] = []
         while len(times) < repeats or (len(times) < fast_repeats and statistics.median(times) < FAST_S):
-            self.model = self.out = None
-            gc.collect()
+            self.drop()
             times.append(self._load(approach, wrapped[0]))
         self.model = None
         return times
+
+    def drop(self) -> None:
+        """Let go of the loaded model and its output (before a reload)."""
+        self.model = self.out = None
+        gc.collect()
 
     def pinned_peak(self, nbytes: int, repeats: int = 5) -> float:
         """Best GB/s of one pinned host buffer copied to this actor's GPU (the link's practical peak)."""

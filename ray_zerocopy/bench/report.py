@@ -120,7 +120,8 @@ def format_table(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     ]
     if together:
         notes += ["together: every actor's load started at once; all GB/s: model bytes x actors / time from the",
-                  "  start until the last was ready (last ready ms), first loads (cold) and later ones (warm)."]
+                  "  start until the last was ready (last ready ms), first loads (cold) and later ones (warm: in rounds,",
+                  "  every actor drops its model, then all reload at once; the rounds' times summed)."]
     if device != "cpu":
         notes += ["dev mem x: device memory the actors' models added on their GPUs (all processes: a share_gpu",
                   "  holder and its CUDA context included), after the loads and empty_cache(), before any forward",
