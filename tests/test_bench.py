@@ -71,6 +71,22 @@ def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_pa
     assert "FAILED" in proc.stdout
 
 
+@pytest.mark.slow
+def test_together_loads_at_once_in_rounds(tmp_path: Path) -> None:
+    """``--together`` end to end on the CPU (the GPU test below needs a GPU): first loads at once, reloads
+    counted and timed together, the aggregate columns printed."""
+    proc, data = _bench(tmp_path, "--model", "tiny-gpt2", "--actors", "3", "--together", "--repeats", "2",
+                        "--fast-repeats", "0", "--approaches", "rzc:packed,ray_put")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in data["results"]:
+        assert r["ok"], f"{r['name']}: {r['error']}"
+        assert r["cold_together_actors"] == 3 and len(r["cold_s"]) == 3, r["name"]
+        assert r["warm_together_loads"] == len(r["warm_s"]) == 6, r["name"]
+        # a round lasts at least its slowest load: the rounds' sum, at least the slowest load of each
+        assert r["warm_together_s"] >= max(r["warm_s"]) and r["together_warm_gbps"] > 0, r["name"]
+    assert "last ready ms" in proc.stdout
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(
     ("argv", "needle"),
