@@ -252,8 +252,8 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     if route != "copier" and not (route == "auto" and model_ref.gpu_copiers):
         return None
     uuid = gpu_uuid(device)
-    copier, new = _copier(model_ref, uuid)
-    if new:  # (for the loads that follow)
+    copier, new = _copier(model_ref, uuid, PRESTART_WAIT_S if model_ref.gpu_copiers else COPIER_LINGER_S)
+    if new:  # (for the loads that follow; a gpu_copiers model's copier stays as long as one started by prepare)
         return None
     try:
         probe: Any = copier.ready.remote()

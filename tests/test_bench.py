@@ -130,7 +130,7 @@ def test_four_actors_load_together_on_one_gpu(tmp_path: Path, share_gpu: bool) -
         if r["kind"] == "ours":
             assert r["max_abs_diff"] == 0.0, r["name"]
             # the holder's copy and its CUDA context (about 0.5 GiB), or four private copies; and each actor's
-            # CUDA context grows during its first load (on the H200: 72 MB per actor for object_store, 130 MB after
+            # CUDA context grows during its first load (on the H200: 72 MB per actor for each of ours, 130 MB after
             # a forward), whatever the model's size; a second copy in every actor still fails
             limit = (2 * model_bytes + (1 << 30) if share_gpu else 4 * model_bytes) + 4 * CONTEXT_GROWTH
             assert model_bytes <= r["device_added_bytes"] < limit, (r["name"], r["device_added_bytes"], model_bytes)
