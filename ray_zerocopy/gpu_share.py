@@ -13,9 +13,10 @@ and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its la
 (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 ``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
 model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and returns once they are up,
-so they serve first loads too; each exits once ``PRESTART_WAIT_S`` pass with no copy (a pool's actors
+so they serve first loads too. Each exits once ``PRESTART_WAIT_S`` pass with no copy (a pool's actors
 arrive over minutes: restarts, autoscaling; on the H200 a fresh actor 30 s after the last load found a
-10 s copier gone and copied alone, 156 against 56-58 ms).
+10 s copier gone and copied alone, 156 against 56-58 ms), or once the weights are gone (:func:`weights_lost`:
+the driver that prepared the model ended). Every copier checks that each second.
 
 The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
@@ -156,7 +157,8 @@ class _Copier:
     def __init__(self, uuid: str, model_ref: Any, idle_s: float = COPIER_LINGER_S) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid  # before CUDA starts here: this GPU is cuda:0
         torch.zeros(1, device="cuda")  # (the CUDA context that pins and copies)
-        self.held: Any = ray.get(list(object_refs(model_ref.payload)))  # keeps the objects in the store
+        self.refs = list(object_refs(model_ref.payload))
+        self.held: Any = ray.get(self.refs)  # keeps the objects in the store
         self.ranges = store_ranges(self.held)
         for i, (_, lo, hi, addr) in enumerate(self.ranges):
             try:
@@ -196,9 +198,10 @@ class _Copier:
 
     def _watch(self) -> None:
         while True:
-            time.sleep(0.5)
+            time.sleep(1.0)
+            lost = weights_lost(self.refs)  # (the job that prepared the model ended: no load will come)
             with self.lock:
-                if time.monotonic() - self.last < self.idle_s:
+                if not lost and time.monotonic() - self.last < self.idle_s:
                     continue
                 for _, _, _, addr in self.ranges:
                     _cuda.unpin_host(addr)
@@ -208,6 +211,18 @@ class _Copier:
 
     def shutdown(self) -> None:
         ray.actor.exit_actor()
+
+
+def weights_lost(refs: list[Any]) -> bool:
+    """True once Ray says the objects are gone: their owner died (the driver that prepared them ended, or
+    the owner actor of ``node=``). A copier then exits at once instead of holding them until it is idle."""
+    try:
+        ray.get(refs[:1], timeout=10)  # (held here: a lookup in the store, no copy)
+    except ray.exceptions.ObjectLostError:  # OwnerDiedError among them
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
 
 
 def store_ranges(objects: Any) -> list[tuple[tuple[int, int, int], int, int, int]]:

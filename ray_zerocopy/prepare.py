@@ -46,8 +46,8 @@ def prepare_model_for_actors(
         gpu_copiers: start, on every GPU of every node with GPUs, a copier process that keeps the
             weights pinned and fills each GPU load of this model (first loads included) with one DMA
             through CUDA IPC (``gpu_share.py``); returns once they are up. Costs a CUDA context per GPU and keeps the weights
-            pinned until ``$RAY_ZEROCOPY_COPIER_WAIT_S`` (300) pass with no load (``gpu_share.stop_copiers()``
-            ends them now).
+            pinned until ``$RAY_ZEROCOPY_COPIER_WAIT_S`` (300) pass with no load, or this process (the weights'
+            owner) ends; ``gpu_share.stop_copiers()`` ends them now.
 
     Returns:
         A :class:`ModelRef`; pass it to actors (e.g. in ``fn_constructor_kwargs``).

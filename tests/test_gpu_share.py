@@ -307,6 +307,23 @@ def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
     assert stop_copiers() == 0
 
 
+def test_weights_lost_once_their_owner_dies(ray_local):
+    """A copier (GPU only) exits once its model's weights are gone: :func:`weights_lost` says so when the
+    process that put them (here an actor; a driver whose job ended, in use) has died, and not before."""
+    from ray_zerocopy.gpu_share import weights_lost
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self) -> list:
+            return [ray.put(np.ones(1 << 20, dtype=np.uint8))]  # (1 MiB: in the shared store)
+
+    owner = Owner.remote()
+    refs = ray.get(owner.put.remote())
+    assert not weights_lost(refs)
+    ray.kill(owner)
+    assert _wait(lambda: weights_lost(refs), 30), "the owner died but its objects still read as there"
+
+
 def test_store_ranges_cover_every_array_at_its_address(ray_local):
     """The copier's map of a model's objects in Ray's store: page-aligned, non-overlapping ranges of the
     store's file, each array inside one, at the address this process maps it (CPU: no CUDA needed)."""
