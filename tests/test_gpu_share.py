@@ -251,6 +251,25 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
 
 
 @needs_cuda
+def test_copiers_exit_when_the_preparer_dies(ray_gpu):
+    """A copier started by prepare leaves once the process that prepared the model (the weights' owner) is
+    gone, not after its 300 s idle limit."""
+    from ray_zerocopy.gpu_share import gpu_uuid
+
+    @ray.remote(num_cpus=0)
+    class Preparer:
+        def prepare(self):
+            return prepare_model_for_actors(_big_model()[:2], backend="packed", gpu_copiers=True)
+
+    preparer = Preparer.remote()
+    ref = ray.get(preparer.prepare.remote())
+    uuid = gpu_uuid(torch.device("cuda", 0))
+    assert _copier(ref, uuid) is not None, "prepare started no copier"
+    ray.kill(preparer)
+    assert _wait(lambda: _copier(ref, uuid) is None, 60), "the copier outlived the weights' owner"
+
+
+@needs_cuda
 def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
     """``rewrite_pipeline_for_actors(..., gpu_copiers=True)``: prepare starts a copier for each of the
     pipeline's models, and the pipeline loads on the GPU through them."""
