@@ -46,7 +46,7 @@ class PinError(RuntimeError):
     """cudaHostRegister refused a range (already pinned, unsupported memory, limits)."""
 
 
-# The ``copier`` route's source, set around a load (``gpu_share.copier_source``): fills ``dst`` from ``buf``
+# The ``copier`` route's source, set around a load (``gpu_copier.copier_source``): fills ``dst`` from ``buf``
 # and says whether it did (else the staged route runs).
 _source: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], bool] | None] = contextvars.ContextVar(
     "rzc_copy_source", default=None)
@@ -92,7 +92,7 @@ def copy_to_device(
         device: a CUDA device of this process.
         route: ``auto`` (default, or ``$RAY_ZEROCOPY_H2D_ROUTE``) and ``staged``: through the pinned ring
             (see the module docstring); ``copier``: by the node's copier of the model where a load set one
-            (:func:`copy_source`, ``gpu_share.py``; ``auto`` too, for a model prepared with ``gpu_copiers``),
+            (:func:`copy_source`, ``gpu_copier.py``; ``auto`` too, for a model prepared with ``gpu_copiers``),
             else staged; ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
         chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).

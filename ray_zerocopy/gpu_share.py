@@ -1,24 +1,6 @@
-"""Per-GPU helper processes of a model: one device copy for ``share_gpu``, and a copier (opt-in).
+"""Per-GPU holder of a model: one device copy that every actor on a GPU maps (``share_gpu``). The
+per-GPU copier (opt-in) is in ``gpu_copier.py``; both are detached actors started by :func:`start_detached`.
 
-The copier (``RAY_ZEROCOPY_H2D_ROUTE=copier`` in the actors' environment): the first load of a model on
-a GPU starts a small detached actor for that model and GPU, and copies through the pinned ring itself
-(``_cuda.py``). The copier holds the model's objects in Ray's store and pins their pages once
-(``cudaHostRegister``); from then on a load of that model on that GPU allocates its device memory and
-has the copier fill it through CUDA IPC: one DMA from pinned pages, so the actor pays no pinning, no
-first touches of the store's pages and no host copy. On the H200 (pinned peak 55.2 GB/s, 1.54 GB
-model, packed): fresh actors served by the copier loaded in 53-56 ms (27.5-29 GB/s), later loads in 37 ms
-(41.5 GB/s); but the two loads made while it started took 122 and 164 ms (the ring's copy alone took
-75-81 ms in another lease; no same-lease A/B yet), and it costs a process with a CUDA context per model
-and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
-(``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
-``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
-model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and returns once they are up,
-so they serve first loads too. Each exits once ``PRESTART_WAIT_S`` pass with no copy (a pool's actors
-arrive over minutes: restarts, autoscaling; on the H200 a fresh actor 30 s after the last load found a
-10 s copier gone and copied alone, 156 against 56-58 ms), or once the weights are gone (:func:`weights_lost`:
-the driver that prepared the model ended). Every copier checks that each second.
-
-The shared device copy:
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
 starts a small holder actor for that model and GPU, which copies the weights from the object
 store to the GPU once (through the fast host-to-device path) and exports CUDA IPC handles; every
@@ -42,34 +24,22 @@ then restores the weights from the object store before
 
 from __future__ import annotations
 
-import ctypes
 import os
-import subprocess
 import threading
 import time
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_zerocopy import _cuda
-from ray_zerocopy._log import warn_once
-from ray_zerocopy._shm import vma_of
 from ray_zerocopy._tensors import cast_floating
-from ray_zerocopy.model_ref import object_refs
 
 NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
-COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
-RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
-COPIER_START_S = 120.0  # prepare waits this long for a copier to be up
-PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's idle limit
 READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
 # (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
-_PAGE = 4096
 
 
 def gpu_uuid(device: torch.device) -> str:
@@ -150,201 +120,7 @@ class _Holder:
         ray.actor.exit_actor()  # a detached actor ends itself; Ray frees its name for the next holder
 
 
-@ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)
-class _Copier:
-    """Copies ranges of one model's objects, pinned in its memory, into device memory of actors on one GPU."""
-
-    def __init__(self, uuid: str, model_ref: Any, idle_s: float = COPIER_LINGER_S) -> None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = uuid  # before CUDA starts here: this GPU is cuda:0
-        torch.zeros(1, device="cuda")  # (the CUDA context that pins and copies)
-        self.refs = list(object_refs(model_ref.payload))
-        self.held: Any = ray.get(self.refs)  # keeps the objects in the store
-        self.ranges = store_ranges(self.held)
-        for i, (_, lo, hi, addr) in enumerate(self.ranges):
-            try:
-                _cuda.pin_host(addr, hi - lo)
-            except _cuda.PinError as exc:  # (then every load copies by itself: copy() answers False)
-                warn_once(f"the copier cannot pin the model's objects ({exc}); loads on this GPU copy by themselves")
-                for _, _, _, done in self.ranges[:i]:
-                    _cuda.unpin_host(done)
-                self.ranges = []
-                break
-        self.copies, self.idle_s = 0, idle_s  # it exits once idle_s pass with no copy
-        self.last = time.monotonic()
-        self.lock = threading.Lock()  # a copy and the unpinning never overlap
-        threading.Thread(target=self._watch, daemon=True).start()
-
-    def ready(self) -> int:
-        """How many loads it has filled (an answer means it is up)."""
-        return self.copies
-
-    def copy(self, handle: tuple, file: tuple[int, int, int], offset: int, nbytes: int) -> bool:
-        """Fill the device memory behind ``handle`` (``_share_cuda_()`` of an actor's storage) with the
-        ``nbytes`` at ``offset`` of the store's ``file`` (device, inode); False where they are not pinned here."""
-        with self.lock:
-            self.last = time.monotonic()
-            if self.held is None:  # (unpinned: it is exiting)
-                return False
-            for key, lo, hi, addr in self.ranges:
-                if key == file and lo <= offset and offset + nbytes <= hi:
-                    src = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr + offset - lo), dtype=torch.uint8)
-                    storage = torch.UntypedStorage._new_shared_cuda(0, *handle[1:])
-                    dst = torch.empty(0, dtype=torch.uint8, device="cuda").set_(storage, 0, (nbytes,), (1,))
-                    dst.copy_(src, non_blocking=True)  # (a pinned source: one DMA)
-                    torch.cuda.synchronize()
-                    self.copies += 1
-                    return True
-        return False
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
-            lost = weights_lost(self.refs)  # (the job that prepared the model ended: no load will come)
-            with self.lock:
-                if not lost and time.monotonic() - self.last < self.idle_s:
-                    continue
-                for _, _, _, addr in self.ranges:
-                    _cuda.unpin_host(addr)
-                self.held = None  # (the objects may go now)
-            ray.get_runtime_context().current_actor.shutdown.remote()
-            return
-
-    def shutdown(self) -> None:
-        ray.actor.exit_actor()
-
-
-def weights_lost(refs: list[Any]) -> bool:
-    """True once Ray says the objects are gone: their owner died (the driver that prepared them ended, or
-    the owner actor of ``node=``). A copier then exits at once instead of holding them until it is idle."""
-    try:
-        ray.get(refs[:1], timeout=10)  # (held here: a lookup in the store, no copy)
-    except ray.exceptions.ObjectLostError:  # OwnerDiedError among them
-        return True
-    except ray.exceptions.GetTimeoutError:
-        pass
-    return False
-
-
-def store_ranges(objects: Any) -> list[tuple[tuple[int, int, int], int, int, int]]:
-    """Where the buffers in ``objects`` (what ``ray.get`` returned: numpy arrays, Ray's buffers, dicts and
-    lists of them) lie in Ray's store, as page-aligned ``(file, file offset, file end, address here)``, neighbours
-    merged (buffers outside the store, e.g. small inlined objects, are left out)."""
-    spans = []
-    todo = [objects]
-    while todo:
-        obj = todo.pop()
-        if isinstance(obj, dict):
-            todo += obj.values()
-        elif isinstance(obj, (list, tuple)):
-            todo += obj
-        elif not isinstance(obj, (str, bytes)):
-            try:
-                view = np.frombuffer(obj, dtype=np.uint8)  # (numpy arrays, Ray's buffers: any contiguous buffer)
-            except (TypeError, ValueError):
-                continue
-            vma = vma_of(view.ctypes.data) if view.nbytes else None
-            if vma is not None and vma.target:
-                lo = view.ctypes.data // _PAGE * _PAGE
-                hi = -(-(view.ctypes.data + view.nbytes) // _PAGE) * _PAGE
-                spans.append((vma.file[:3], vma.offset(lo), vma.offset(hi), lo))
-    merged: list[list] = []
-    for key, lo, hi, addr in sorted(spans):
-        last = merged[-1] if merged else None
-        if last and last[0] == key and lo <= last[2] and last[3] - last[1] == addr - lo:  # (one mapping)
-            last[2] = max(last[2], hi)
-        else:
-            merged.append([key, lo, hi, addr])
-    return [(key, lo, hi, addr) for key, lo, hi, addr in merged]
-
-
-def copier_source(model_ref: Any, device: torch.device) -> Any:
-    """What ``_cuda.copy_source`` takes for a load of ``model_ref`` on ``device``: a function that has
-    this GPU's copier of the model fill a device buffer; None where no copier is ready (one is started
-    if there is none; this load copies by itself). Used with the copier route, or for a model prepared
-    with ``gpu_copiers=True`` unless the route is set to staged or plain; a load of such a model waits for a copier
-    that is still starting about as long as copying alone would take (``RING_GBPS``), then copies alone."""
-    route = _cuda.current_route()
-    if route != "copier" and not (route == "auto" and model_ref.gpu_copiers):
-        return None
-    uuid = gpu_uuid(device)
-    copier, new = _copier(model_ref, uuid, PRESTART_WAIT_S if model_ref.gpu_copiers else COPIER_LINGER_S)
-    if new:  # (for the loads that follow; a gpu_copiers model's copier stays as long as one started by prepare)
-        return None
-    try:
-        probe: Any = copier.ready.remote()
-        wait_s = model_ref.nbytes / RING_GBPS if route == "auto" else 0.0
-        if not ray.wait([probe], timeout=max(READY_WAIT_S, wait_s))[0]:
-            return None  # still starting
-        ray.get(probe)
-    except Exception:  # it is exiting (a new one starts with a later load)
-        return None
-    return lambda buf, dst: _copy_via(copier, buf, dst)
-
-
-def start_copiers(model_ref: Any) -> int:
-    """Start ``model_ref``'s copier on every GPU of every alive node that has GPUs (one task per node lists
-    its GPUs' UUIDs with ``nvidia-smi`` and starts them there); returns once they are up (they pinned the
-    weights), with how many are. A fresh actor's first load then finds its copier ready: on the H200, with
-    prepare returning at once, the first fresh actor loaded before its copier was up (169 ms, the ring)."""
-    tasks = [_start_copiers_here.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(model_ref)
-        for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0]
-    return sum(ray.get(tasks))
-
-
-@ray.remote(num_cpus=0)
-def _start_copiers_here(model_ref: Any) -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        warn_once(f"cannot list this node's GPUs for the copiers ({exc}); the first loads here start them")
-        return 0
-    uuids = [line.strip() for line in out.splitlines() if line.strip().startswith("GPU-")]
-    copiers = [_copier(model_ref, uuid, PRESTART_WAIT_S)[0] for uuid in uuids]
-    up = 0
-    for uuid, copier in zip(uuids, copiers):
-        try:
-            ray.get(copier.ready.remote(), timeout=COPIER_START_S)
-            up += 1
-        except ray.exceptions.RayError as exc:  # (a load on that GPU starts another, or copies alone)
-            warn_once(f"the copier on {uuid} did not come up in {COPIER_START_S:.0f} s ({type(exc).__name__}: {exc})")
-    return up
-
-
-def stop_copiers() -> int:
-    """End every model's copier now (each otherwise holds its model's objects until it has been idle for
-    ``COPIER_LINGER_S``, or ``PRESTART_WAIT_S`` if started by prepare): the benchmark calls this between
-    approaches. Returns the loads they filled."""
-    filled = 0
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE and actor["name"].startswith("copier-"):
-            try:
-                copier = ray.get_actor(actor["name"], namespace=NAMESPACE)
-            except ValueError:  # it exited meanwhile
-                continue
-            try:
-                probe: Any = copier.ready.remote()
-                filled += ray.get(probe, timeout=30)
-            except ray.exceptions.RayError:  # it is exiting, or never came up
-                pass
-            ray.kill(copier)
-    return filled
-
-
-def _copy_via(copier: Any, buf: torch.Tensor, dst: torch.Tensor) -> bool:
-    vma = vma_of(buf.data_ptr())
-    if vma is None or not vma.target:
-        return False
-    offset = vma.offset(buf.data_ptr())
-    try:
-        return ray.get(copier.copy.remote(dst.untyped_storage()._share_cuda_(), vma.file[:3], offset, buf.numel()))
-    except Exception as exc:  # it exited meanwhile, CUDA IPC failed, ...
-        warn_once(f"the node's copier could not fill this load ({type(exc).__name__}: {exc}); copying here")
-        return False
-
-
-def _start(cls: Any, name: str, *args: Any) -> tuple[Any, bool]:
+def start_detached(cls: Any, name: str, *args: Any) -> tuple[Any, bool]:
     """The detached actor ``name`` (of ``cls``, on this node), and whether it was started now (or existed)."""
     try:
         return ray.get_actor(name, namespace=NAMESPACE), False
@@ -367,12 +143,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _copier(model_ref: Any, uuid: str, idle_s: float = COPIER_LINGER_S) -> tuple[Any, bool]:
-    return _start(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, idle_s)
-
-
 def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> tuple[Any, bool]:
-    return _start(_Holder, f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}", uuid, model_ref, dtype)
+    return start_detached(_Holder, f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}", uuid, model_ref, dtype)
 
 
 class Attach:

@@ -122,9 +122,9 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
     share_gpu = options.share_gpu and not options.private_copy
     source = None
     if dev.type == "cuda" and not share_gpu:
-        from ray_zerocopy import gpu_share
+        from ray_zerocopy import gpu_copier
 
-        source = gpu_share.copier_source(ref, dev)  # the node's copier of this model, once it is up
+        source = gpu_copier.copier_source(ref, dev)  # the node's copier of this model, once it is up
         if source is None:
             _cuda.warm_ring(dev)  # pins the staging ring while the payload is fetched and read
     chosen = get_backend(ref.backend)

@@ -38,7 +38,7 @@ class ModelRef:
         object_refs: every ObjectRef in ``payload`` (a load checks that Ray tracks them: see
             :func:`check_tracked`).
         gpu_copiers: prepared with ``gpu_copiers=True``: GPU loads are filled by the model's copiers
-            (``gpu_share.py``).
+            (``gpu_copier.py``).
         member: for models of one pipeline that share submodules, prepared together as one
             ``ModuleList``: the index of this model in it (``None`` for a model prepared alone).
     """

@@ -45,9 +45,9 @@ def prepare_model_for_actors(
             unless the environment sets ``RAY_ZEROCOPY_PROGRESS=0``.
         gpu_copiers: start, on every GPU of every node with GPUs, a copier process that keeps the
             weights pinned and fills each GPU load of this model (first loads included) with one DMA
-            through CUDA IPC (``gpu_share.py``); returns once they are up. Costs a CUDA context per GPU and keeps the weights
+            through CUDA IPC (``gpu_copier.py``); returns once they are up. Costs a CUDA context per GPU and keeps the weights
             pinned until ``$RAY_ZEROCOPY_COPIER_WAIT_S`` (300) pass with no load, or this process (the weights'
-            owner) ends; ``gpu_share.stop_copiers()`` ends them now.
+            owner) ends; ``gpu_copier.stop_copiers()`` ends them now.
 
     Returns:
         A :class:`ModelRef`; pass it to actors (e.g. in ``fn_constructor_kwargs``).
@@ -79,7 +79,7 @@ def prepare_model_for_actors(
     ref = ModelRef(split.skeleton, stored.payload, chosen.name, chosen.format_version, nbytes, stored.layouts,
                    owner=stored.owner, object_refs=object_refs(stored.payload), gpu_copiers=gpu_copiers)
     if gpu_copiers:
-        from ray_zerocopy.gpu_share import start_copiers
+        from ray_zerocopy.gpu_copier import start_copiers
 
         start_copiers(ref)
     return ref

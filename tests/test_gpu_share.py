@@ -199,7 +199,7 @@ def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
     """With the copier route, the first private load on a GPU starts the model's copier there; later loads
     get their bytes from it (one DMA from its pinned pages), with the same outputs; it goes after
     COPIER_LINGER_S."""
-    from ray_zerocopy.gpu_share import COPIER_LINGER_S
+    from ray_zerocopy.gpu_copier import COPIER_LINGER_S
 
     model = _big_model()[:4]
     ref = prepare_model_for_actors(model, backend=backend)
@@ -226,7 +226,8 @@ def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
 def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
     """``gpu_copiers=True``: prepare starts the model's copier on this GPU (no load needed, no route set),
     and a fresh actor's first load is filled by it (one DMA), with the same outputs; ``staged`` opts out."""
-    from ray_zerocopy.gpu_share import gpu_uuid, stop_copiers
+    from ray_zerocopy.gpu_copier import stop_copiers
+    from ray_zerocopy.gpu_share import gpu_uuid
 
     model = _big_model()[:4]
     ref = prepare_model_for_actors(model, backend=backend, gpu_copiers=True)
@@ -273,7 +274,8 @@ def test_copiers_exit_when_the_preparer_dies(ray_gpu):
 def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
     """``rewrite_pipeline_for_actors(..., gpu_copiers=True)``: prepare starts a copier for each of the
     pipeline's models, and the pipeline loads on the GPU through them."""
-    from ray_zerocopy.gpu_share import gpu_uuid, stop_copiers
+    from ray_zerocopy.gpu_copier import stop_copiers
+    from ray_zerocopy.gpu_share import gpu_uuid
 
     torch.manual_seed(0)  # 16 MiB each (a copier fills loads of 8 MiB or more)
     pipe = types.SimpleNamespace(a=nn.Linear(2048, 2048), b=nn.Linear(2048, 2048))
@@ -298,7 +300,7 @@ def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
 def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
     """``gpu_copiers=True`` where no node has GPUs starts nothing, and loads work as without it (a model and
     a pipeline)."""
-    from ray_zerocopy.gpu_share import stop_copiers
+    from ray_zerocopy.gpu_copier import stop_copiers
 
     if ray.cluster_resources().get("GPU", 0):
         pytest.skip("this Ray has GPUs (the GPU test above covers it)")
@@ -329,7 +331,7 @@ def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
 def test_weights_lost_once_their_owner_dies(ray_local):
     """A copier (GPU only) exits once its model's weights are gone: :func:`weights_lost` says so when the
     process that put them (here an actor; a driver whose job ended, in use) has died, and not before."""
-    from ray_zerocopy.gpu_share import weights_lost
+    from ray_zerocopy.gpu_copier import weights_lost
 
     @ray.remote(num_cpus=0)
     class Owner:
@@ -347,7 +349,7 @@ def test_store_ranges_cover_every_array_at_its_address(ray_local):
     """The copier's map of a model's objects in Ray's store: page-aligned, non-overlapping ranges of the
     store's file, each array inside one, at the address this process maps it (CPU: no CUDA needed)."""
     from ray_zerocopy._shm import vma_of
-    from ray_zerocopy.gpu_share import store_ranges
+    from ray_zerocopy.gpu_copier import store_ranges
     from ray_zerocopy.model_ref import object_refs
 
     ref = prepare_model_for_actors(nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)]), backend="object_store")

@@ -222,7 +222,7 @@ def run_approach(name: str, model: torch.nn.Module, opts: Options, ctx: Context)
     finally:
         prepared = None
         if opts.device != "cpu":  # (ours: the model's copiers would hold its objects a few seconds more)
-            from ray_zerocopy.gpu_share import stop_copiers
+            from ray_zerocopy.gpu_copier import stop_copiers
 
             res["copier_fills"] = stop_copiers()
             if opts.args.gpu_copiers:
