@@ -50,7 +50,7 @@ _PAGE = 4096
 class _Copier:
     """Copies ranges of one model's objects, pinned in its memory, into device memory of actors on one GPU."""
 
-    def __init__(self, uuid: str, model_ref: Any, idle_s: float = COPIER_LINGER_S) -> None:
+    def __init__(self, uuid: str, model_ref: Any) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid  # before CUDA starts here: this GPU is cuda:0
         torch.zeros(1, device="cuda")  # (the CUDA context that pins and copies)
         self.refs = list(object_refs(model_ref.payload))
@@ -65,7 +65,8 @@ class _Copier:
                     _cuda.unpin_host(done)
                 self.ranges = []
                 break
-        self.copies, self.idle_s = 0, idle_s  # it exits once idle_s pass with no copy
+        # it exits once idle_s pass with no copy: a gpu_copiers model's copier waits for the pool's later actors
+        self.copies, self.idle_s = 0, PRESTART_WAIT_S if model_ref.gpu_copiers else COPIER_LINGER_S
         self.last = time.monotonic()
         self.lock = threading.Lock()  # a copy and the unpinning never overlap
         threading.Thread(target=self._watch, daemon=True).start()
@@ -163,8 +164,8 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     if route != "copier" and not (route == "auto" and model_ref.gpu_copiers):
         return None
     uuid = gpu_uuid(device)
-    copier, new = _copier(model_ref, uuid, PRESTART_WAIT_S if model_ref.gpu_copiers else COPIER_LINGER_S)
-    if new:  # (for the loads that follow; a gpu_copiers model's copier stays as long as one started by prepare)
+    copier, new = _copier(model_ref, uuid)
+    if new:  # (for the loads that follow)
         return None
     try:
         probe: Any = copier.ready.remote()
@@ -197,7 +198,7 @@ def _start_copiers_here(model_ref: Any) -> int:
         warn_once(f"cannot list this node's GPUs for the copiers ({exc}); the first loads here start them")
         return 0
     uuids = [line.strip() for line in out.splitlines() if line.strip().startswith("GPU-")]
-    copiers = [_copier(model_ref, uuid, PRESTART_WAIT_S)[0] for uuid in uuids]
+    copiers = [_copier(model_ref, uuid)[0] for uuid in uuids]
     up = 0
     for uuid, copier in zip(uuids, copiers):
         try:
@@ -240,5 +241,5 @@ def _copy_via(copier: Any, buf: torch.Tensor, dst: torch.Tensor) -> bool:
         return False
 
 
-def _copier(model_ref: Any, uuid: str, idle_s: float = COPIER_LINGER_S) -> tuple[Any, bool]:
-    return start_detached(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref, idle_s)
+def _copier(model_ref: Any, uuid: str) -> tuple[Any, bool]:
+    return start_detached(_Copier, f"copier-{model_ref.uid}-{uuid}", uuid, model_ref)
