@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from ray_zerocopy.bench.approaches import (
     unique_tensors,
 )
 from ray_zerocopy.bench.options import Options, parse_options
-from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, object_bytes
+from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, more_loads, object_bytes
 from ray_zerocopy.bench.report import draw_png, format_table, summarize, table_head, table_row, write_json
 
 NATIVE_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
@@ -147,7 +146,7 @@ def _warm_together(name: str, opts: Options, actors: list[Any], wrapped: list[An
     the start until the last is ready is summed over the rounds; the dropping is not in it)."""
     res["warm_s"], res["warm_together_s"], res["warm_together_loads"] = [], 0.0, 0
     rounds = 0
-    while rounds < opts.repeats or (rounds < opts.fast_repeats and statistics.median(res["warm_s"]) < FAST_S):
+    while more_loads(rounds, res["warm_s"], opts.repeats, opts.fast_repeats):
         ray.get([a.drop.remote() for a in actors])
         t0 = time.perf_counter()
         res["warm_s"] += ray.get([a.load.remote(name, wrapped) for a in actors])

@@ -131,6 +131,12 @@ def _sync(device: str) -> None:
 FAST_S = 0.05  # warm loads faster than this are repeated up to --fast-repeats times
 
 
+def more_loads(done: int, times: list[float], repeats: int, fast_repeats: int) -> bool:
+    """Whether to time another reload (or round of them) after ``done``: ``repeats`` in all, or up to
+    ``fast_repeats`` while the median of ``times`` is under ``FAST_S``."""
+    return done < repeats or (done < fast_repeats and statistics.median(times) < FAST_S)
+
+
 @ray.remote(num_cpus=1)
 class BenchActor:
     """A fresh worker process that loads the model with one approach and reports times and memory.
@@ -214,7 +220,7 @@ class BenchActor:
         first), or of ``fast_repeats`` while their median is under ``FAST_S`` (cheap to repeat: more
         samples steady the median on a busy machine)."""
         times: list[float] = []
-        while len(times) < repeats or (len(times) < fast_repeats and statistics.median(times) < FAST_S):
+        while more_loads(len(times), times, repeats, fast_repeats):
             self.drop()
             times.append(self._load(approach, wrapped[0]))
         self.model = None
