@@ -62,7 +62,7 @@ class ObjectStoreBackend(Backend):
         arrays = ray.get(payload.ref)
         if device.type == "cpu":
             return tensors_in_arrays(arrays, payload.specs, offsets=payload.offsets)
-        return arrays_to_device(arrays, payload.specs, device, offsets=payload.offsets)  # (one large copy)
+        return arrays_to_device(arrays, payload.specs, device, offsets=payload.offsets, wait=False)  # (one copy)
 
 
 @hookimpl

@@ -128,7 +128,7 @@ class PackedBackend(Backend):
         with quiet_readonly():
             if device.type == "cpu":
                 return tensors_in_buffer(buf, [(name, dtype, shape, off) for name, dtype, shape, off, _ in entries])
-            base = buffer_to_device(torch.from_numpy(buf), device)
+            base = buffer_to_device(torch.from_numpy(buf), device, wait=False)  # (views only)
         return {name: base[off : off + size].view(dtype).view(shape) for name, dtype, shape, off, size in entries}
 
 

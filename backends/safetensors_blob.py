@@ -212,7 +212,7 @@ class SafetensorsBackend(Backend):
                 entries_at = [(name, dtype, shape, data_start + begin) for name, dtype, shape, begin, _ in entries]
                 return tensors_in_buffer(blob, entries_at)
             base = torch.from_numpy(blob)
-        return views(buffer_to_device(base, device), data_start, entries)
+        return views(buffer_to_device(base, device, wait=False), data_start, entries)  # (views only)
 
 
 @hookimpl

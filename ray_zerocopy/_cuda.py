@@ -46,20 +46,35 @@ class PinError(RuntimeError):
     """cudaHostRegister refused a range (already pinned, unsupported memory, limits)."""
 
 
-# The ``copier`` route's source, set around a load (``gpu_copier.copier_source``): fills ``dst`` from ``buf``
-# and says whether it did (else the staged route runs).
-_source: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], bool] | None] = contextvars.ContextVar(
-    "rzc_copy_source", default=None)
+# The ``copier`` route's source, set around a load (``gpu_copier.copier_source``), with the fills it has
+# started: ``source(buf, dst)`` starts filling ``dst`` from ``buf`` and returns a function that waits for the
+# fill and says whether it was made (else the staged route copies), or None where it cannot fill.
+_source: contextvars.ContextVar[tuple[Callable[[torch.Tensor, torch.Tensor], Any], list] | None] = \
+    contextvars.ContextVar("rzc_copy_source", default=None)
 
 
 @contextlib.contextmanager
-def copy_source(source: Callable[[torch.Tensor, torch.Tensor], bool] | None) -> Iterator[None]:
-    """Within this block, :func:`copy_to_device`'s ``copier`` route first asks ``source(buf, dst)``."""
-    token = _source.set(source)
+def copy_source(source: Callable[[torch.Tensor, torch.Tensor], Any] | None) -> Iterator[None]:
+    """Within this block, :func:`copy_to_device`'s ``copier`` route first asks ``source(buf, dst)``. A fill
+    started with ``wait=False`` ends by :func:`finish_copies` or by the end of the block, also on an error
+    (the copier writes into the device memory until then)."""
+    token = _source.set((source, []) if source is not None else None)
     try:
         yield
     finally:
-        _source.reset(token)
+        try:
+            finish_copies()
+        finally:
+            _source.reset(token)
+
+
+def finish_copies() -> None:
+    """Wait for the fills this block's copier source started without waiting; copy here those it did not make."""
+    current = _source.get()
+    while current and current[1]:
+        done, buf, dst = current[1].pop()
+        if not done():
+            _staged(buf, dst, *settings())
 
 
 def current_route() -> str:
@@ -84,6 +99,7 @@ def copy_to_device(
     route: str | None = None,
     threads: int | None = None,
     chunk_bytes: int | None = None,
+    wait: bool = True,
 ) -> torch.Tensor:
     """Copy a contiguous 1-D uint8 CPU tensor to a CUDA device by the fastest route that works.
 
@@ -96,9 +112,12 @@ def copy_to_device(
             else staged; ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
         chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
+        wait: False lets a copier's fill end later, at :func:`finish_copies` or at the end of the load's
+            :func:`copy_source` block: for callers that only take views of the result until then (a load
+            builds its model meanwhile), never read its bytes before.
 
     Returns:
-        A new uint8 tensor on ``device`` with the same bytes (the copy has finished).
+        A new uint8 tensor on ``device`` with the same bytes (the copy has finished, unless ``wait=False``).
 
     Raises:
         ValueError: ``buf`` is not a contiguous 1-D uint8 CPU tensor, or ``route`` is unknown.
@@ -116,13 +135,19 @@ def copy_to_device(
     if route == "plain" or buf.numel() < MIN_FAST_BYTES or buf.is_pinned():
         return buf.to(device)
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)
-    source = _source.get()
-    if route in ("auto", "copier") and source is not None and source(buf, dst):
+    current = _source.get()
+    done = current[0](buf, dst) if current and route in ("auto", "copier") else None
+    if current and done is not None and not wait:
+        current[1].append((done, buf, dst))
         return dst
-    threads, chunk_bytes = settings(threads, chunk_bytes)
+    if done is None or not done():
+        _staged(buf, dst, *settings(threads, chunk_bytes))
+    return dst
+
+
+def _staged(buf: torch.Tensor, dst: torch.Tensor, threads: int, chunk_bytes: int) -> None:
     with _ring(dst.device, STAGING_BUFFERS * threads, chunk_bytes) as ring:
         _stream_through(ring, buf, dst, threads)
-    return dst
 
 
 # ------------------------------------------------------------------ cudart through ctypes

@@ -150,11 +150,11 @@ def tensors_in_arrays(
 
 def arrays_to_device(
     arrays: Mapping[str, Any], specs: Mapping[str, tuple[str | torch.dtype, tuple[int, ...]]], device: torch.device,
-    offsets: dict[str, int] | None = None,
+    offsets: dict[str, int] | None = None, *, wait: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The tensors of :func:`tensors_in_arrays` on ``device``: the span the arrays lie in (the buffers of
-    one object) goes in one large copy (:func:`buffer_to_device`, the fast path to a GPU), and each tensor
-    is a view of it there; one copy per tensor where the arrays are not one compact span."""
+    one object) goes in one large copy (:func:`buffer_to_device`, the fast path to a GPU; ``wait`` as there),
+    and each tensor is a view of it there; one copy per tensor where the arrays are not one compact span."""
     span = _span(arrays, specs, offsets)
     if span is None or device.type == "cpu":
         with quiet_readonly():
@@ -162,11 +162,13 @@ def arrays_to_device(
     origin, nbytes, offsets = span
     raw = (ctypes.c_char * max(nbytes, 1)).from_address(origin)
     raw.keep = arrays  # type: ignore[attr-defined]  # (ctypes arrays take attributes; the object stays pinned while its buffers live)
+    dtypes = {k: dtype_from_name(dtype) if isinstance(dtype, str) else dtype for k, (dtype, _) in specs.items()}
+    odd = any(off % dtypes[k].itemsize for k, off in offsets.items())  # (cloned below: that reads the bytes)
     with quiet_readonly():
-        base = buffer_to_device(torch.frombuffer(raw, dtype=torch.uint8)[:nbytes], device)
+        base = buffer_to_device(torch.frombuffer(raw, dtype=torch.uint8)[:nbytes], device, wait=wait or odd)
     out = {}
-    for k, (dtype, shape) in specs.items():
-        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    for k, (_, shape) in specs.items():
+        dtype = dtypes[k]
         off = offsets.get(k)
         if off is None:
             out[k] = torch.empty(shape, dtype=dtype, device=device)
@@ -298,16 +300,19 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
     return {k: t.to(device) for k, t in tensors.items()}
 
 
-def buffer_to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
+def buffer_to_device(buf: torch.Tensor, device: torch.device, *, wait: bool = True) -> torch.Tensor:
     """Copy one contiguous 1-D uint8 CPU buffer to ``device`` in as few large copies as possible.
 
     Backends that keep all weights in one buffer (``packed``, ``safetensors``) call this and
-    then slice device views out of the result, instead of copying tensor by tensor.
+    then slice device views out of the result, instead of copying tensor by tensor. Such a backend
+    passes ``wait=False``: where a GPU copier fills the buffer, the load then builds the model from the
+    views while the copy runs, and waits for it before the model is returned; a backend that reads the
+    bytes on the device (a kernel, a clone, a cast) must keep ``wait=True``.
     """
     if device.type == "cpu":
         return buf
     if device.type == "cuda":  # streamed through pinned staging buffers: see _cuda.py
         from ray_zerocopy._cuda import copy_to_device
 
-        return copy_to_device(buf, device)
+        return copy_to_device(buf, device, wait=wait)
     return buf.to(device)

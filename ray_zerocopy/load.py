@@ -124,7 +124,7 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
     if dev.type == "cuda" and not share_gpu:
         from ray_zerocopy import gpu_copier
 
-        source = gpu_copier.copier_source(ref, dev)  # the node's copier of this model, once it is up
+        source = gpu_copier.copier_source(ref, dev)  # the node's copier of this model, if it is up
         if source is None:
             _cuda.warm_ring(dev)  # pins the staging ring while the payload is fetched and read
     chosen = get_backend(ref.backend)
@@ -134,12 +134,13 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
         shared = _shared_on_gpu(ref, dev, options, chosen)
         if shared is not None:
             return shared
-    tensors = _fetch(ref, chosen, dev, options.dtype, source)
-    if options.private_copy:
-        tensors = {k: t.clone() if t.is_cpu else t for k, t in tensors.items()}
-    elif dev.type == "cpu":
-        tensors = private_views(tensors, chosen.shared_memory_marker)  # (a write stays in this load)
-    return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load)
+    with _cuda.copy_source(source):  # (a copier's fill may run while the model is built: it ends with this block)
+        tensors = _fetch(ref, chosen, dev, options.dtype)
+        if options.private_copy:
+            tensors = {k: t.clone() if t.is_cpu else t for k, t in tensors.items()}
+        elif dev.type == "cpu":
+            tensors = private_views(tensors, chosen.shared_memory_marker)  # (a write stays in this load)
+        return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load)
 
 
 class _ViaRoot:
@@ -170,11 +171,14 @@ def member_of(root: torch.nn.Module, index: int) -> torch.nn.Module:
     return model
 
 
-def _fetch(ref: ModelRef, chosen: Any, dev: torch.device, dtype: torch.dtype | None, source: Any = None) -> dict:
-    """The backend's tensors of ``ref`` on ``dev``, cast to ``dtype`` (``source``: see ``_cuda.copy_source``)."""
-    with torch.inference_mode(False), _cuda.copy_source(source):
+def _fetch(ref: ModelRef, chosen: Any, dev: torch.device, dtype: torch.dtype | None) -> dict:
+    """The backend's tensors of ``ref`` on ``dev``, cast to ``dtype``."""
+    with torch.inference_mode(False):
         tensors = chosen.get(ref.payload, dev)
-        return cast_floating(tensors, dtype) if dtype is not None else tensors
+        if dtype is None:
+            return tensors
+        _cuda.finish_copies()  # (the cast reads the bytes)
+        return cast_floating(tensors, dtype)
 
 
 def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chosen: Any) -> Any:

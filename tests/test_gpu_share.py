@@ -54,15 +54,15 @@ class Sharer:
 
         return gpu_uuid(torch.device("cuda", 0))
 
-    def load(self, ref, share: bool = True) -> float:
+    def load(self, ref, share: bool = True, dtype: torch.dtype | None = None) -> float:
         t0 = time.perf_counter()
-        self.model = load_model_in_actor(ref, device="cuda", share_gpu=share)
+        self.model = load_model_in_actor(ref, device="cuda", share_gpu=share, dtype=dtype)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(x.cuda()).cpu()
+            return self.model(x.cuda().to(next(self.model.parameters()).dtype)).float().cpu()
 
     def write(self, x: torch.Tensor) -> str:
         try:
@@ -245,6 +245,9 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
         ray.get(opted_out.load.remote(ref, False))
         assert ray.get(copier.ready.remote()) == one_buffer
         _same_outputs_as(model, x, first, opted_out)
+        ray.get(first.load.remote(ref, False, torch.float64))  # (the cast waits for the copier's fill)
+        assert ray.get(copier.ready.remote()) == 2 * one_buffer
+        _same_outputs_as(model, x, first)
     finally:
         for a in (first, opted_out):
             ray.kill(a)

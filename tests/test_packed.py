@@ -82,7 +82,7 @@ def test_device_load_copies_the_whole_buffer_once(ray_local, monkeypatch, module
     """Single-buffer transports hand the whole buffer to buffer_to_device once, then slice views."""
     calls = []
 
-    def spy(buf, device):
+    def spy(buf, device, **options):
         calls.append((buf.numel(), device))
         return buf.to(device)
 
