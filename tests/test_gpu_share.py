@@ -251,7 +251,7 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
     finally:
         for a in (first, opted_out):
             ray.kill(a)
-    assert stop_copiers() == one_buffer and _copier(ref, uuid) is None
+    assert stop_copiers() == 2 * one_buffer and _copier(ref, uuid) is None
 
 
 @needs_cuda
