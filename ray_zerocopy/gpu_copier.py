@@ -5,11 +5,11 @@ a GPU starts a small detached actor for that model and GPU, and copies through t
 (``_cuda.py``). The copier holds the model's objects in Ray's store and pins their pages once
 (``cudaHostRegister``); from then on a load of that model on that GPU allocates its device memory and
 has the copier fill it through CUDA IPC: one DMA from pinned pages, so the actor pays no pinning, no
-first touches of the store's pages and no host copy. On the H200 (pinned peak 55.2 GB/s, 1.54 GB
-model, packed): fresh actors served by the copier loaded in 53-56 ms (27.5-29 GB/s), later loads in 37 ms
-(41.5 GB/s); but the two loads made while it started took 122 and 164 ms (the ring's copy alone took
-75-81 ms in another lease; no same-lease A/B yet), and it costs a process with a CUDA context per model
-and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
+first touches of the store's pages and no host copy. The load looks the copier up while it fetches
+the payload and builds the model while the DMA runs (``_cuda.copy_to_device(wait=False)``). On the H200
+(README, same-lease A/B): first loads of 1.55 GB in 53-54 ms (52-53% of the pinned peak, 1.6-2.0x the
+ring), of 13.3 GB at 87-88%; but a load made while its copier starts copies alone, and it costs a process
+with a CUDA context per model and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
 (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 ``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
 model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and returns once they are up,
