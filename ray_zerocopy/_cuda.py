@@ -77,6 +77,24 @@ def finish_copies() -> None:
             _staged(buf, dst, *settings())
 
 
+class _FinishFirst(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        finish_copies()
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def finished_before_torch_calls() -> Iterator[None]:
+    """Within this block, a torch call waits for the pending fills first: code that runs while a model is
+    rebuilt (a module's own ``__setstate__``) may read its weights. A plain rebuild makes no torch call."""
+    current = _source.get()
+    if current and current[1]:
+        with _FinishFirst():
+            yield
+    else:
+        yield
+
+
 def current_route() -> str:
     """The host-to-device route this process is set to (``$RAY_ZEROCOPY_H2D_ROUTE``, default auto)."""
     return os.environ.get(ROUTE_ENV) or "auto"

@@ -140,7 +140,8 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
             tensors = {k: t.clone() if t.is_cpu else t for k, t in tensors.items()}
         elif dev.type == "cpu":
             tensors = private_views(tensors, chosen.shared_memory_marker)  # (a write stays in this load)
-        return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load)
+        with _cuda.finished_before_torch_calls():
+            return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load)
 
 
 class _ViaRoot:

@@ -272,3 +272,30 @@ def test_bad_dtype_is_refused_before_loading(ray_local, bad):
     with pytest.raises(LoadDtypeError, match="floating-point torch.dtype") as info:
         load_model_in_actor(ref, dtype=bad)
     assert info.value.dtype == bad
+
+
+def test_pending_copier_fills_end_before_any_torch_call_and_with_their_block():
+    """A load's copier fill may run while the model is rebuilt (views only): it is waited for at the first torch
+    call in that window (a module's own ``__setstate__`` reading its weights), else at the end of the load's
+    block, also on an error."""
+    from ray_zerocopy import _cuda
+
+    order: list[str] = []
+
+    def pending(name: str) -> tuple:
+        return (lambda: order.append(name) or True), None, None  # (True: the copier made it)
+
+    with _cuda.copy_source(lambda buf, dst: None):
+        fills = _cuda._source.get()[1]
+        fills.append(pending("fill 1"))
+        with _cuda.finished_before_torch_calls():
+            order.append("rebuilt")
+            torch.zeros(2).sum()  # waits for the fill first
+            order.append("read")
+        fills.append(pending("fill 2"))
+    with pytest.raises(RuntimeError), _cuda.copy_source(lambda buf, dst: None):
+        _cuda._source.get()[1].append(pending("fill 3"))
+        raise RuntimeError("the rebuild failed")
+    assert order == ["rebuilt", "fill 1", "read", "fill 2", "fill 3"]
+    with _cuda.finished_before_torch_calls():  # (outside a load: nothing to wait for, no mode)
+        assert torch.zeros(1).sum().item() == 0
