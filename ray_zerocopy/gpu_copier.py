@@ -176,7 +176,7 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     return fill
 
 
-_lookups = ThreadPoolExecutor(1, thread_name_prefix="rzc-copier-lookup")
+_lookups = ThreadPoolExecutor(thread_name_prefix="rzc-copier-lookup")  # (a threaded actor may load several at once)
 
 
 def _ready_copier(model_ref: Any, device: torch.device, uuid: str, wait_s: float) -> Any:
