@@ -56,19 +56,19 @@ _source: contextvars.ContextVar[tuple[Callable[[torch.Tensor, torch.Tensor], Any
 @contextlib.contextmanager
 def copy_source(source: Callable[[torch.Tensor, torch.Tensor], Any] | None) -> Iterator[None]:
     """Within this block, :func:`copy_to_device`'s ``copier`` route first asks ``source(buf, dst)``. A fill
-    started with ``wait=False`` ends by :func:`finish_copies` or by the end of the block, also on an error
-    (the copier writes into the device memory until then)."""
+    started with ``wait=False`` ends at the first torch call in a :func:`finished_before_torch_calls` block,
+    or at the end of this block, also on an error (the copier writes into the device memory until then)."""
     token = _source.set((source, []) if source is not None else None)
     try:
         yield
     finally:
         try:
-            finish_copies()
+            _finish_copies()
         finally:
             _source.reset(token)
 
 
-def finish_copies() -> None:
+def _finish_copies() -> None:
     """Wait for the fills this block's copier source started without waiting; copy here those it did not make."""
     current = _source.get()
     while current and current[1]:
@@ -79,7 +79,7 @@ def finish_copies() -> None:
 
 class _FinishFirst(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        finish_copies()
+        _finish_copies()
         return func(*args, **(kwargs or {}))
 
 
@@ -130,9 +130,8 @@ def copy_to_device(
             else staged; ``plain`` is ``buf.to(device)``.
         threads: staging threads (default ``$RAY_ZEROCOPY_H2D_THREADS`` or min(6, cores)).
         chunk_bytes: bytes per staging buffer (default ``$RAY_ZEROCOPY_H2D_CHUNK_MB`` or 4 MiB).
-        wait: False lets a copier's fill end later, at :func:`finish_copies` or at the end of the load's
-            :func:`copy_source` block: for callers that only take views of the result until then (a load
-            builds its model meanwhile), never read its bytes before.
+        wait: False lets a copier's fill end later (see :func:`copy_source`): for callers that only take
+            views of the result until then (a load builds its model meanwhile), never read its bytes before.
 
     Returns:
         A new uint8 tensor on ``device`` with the same bytes (the copy has finished, unless ``wait=False``).

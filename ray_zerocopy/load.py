@@ -124,7 +124,7 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
     if dev.type == "cuda" and not share_gpu:
         from ray_zerocopy import gpu_copier
 
-        source = gpu_copier.copier_source(ref, dev)  # the node's copier of this model, if it is up
+        source = gpu_copier.copier_source(ref, dev)  # the node's copier of this model (looked up meanwhile)
         if source is None:
             _cuda.warm_ring(dev)  # pins the staging ring while the payload is fetched and read
     chosen = get_backend(ref.backend)
@@ -176,10 +176,8 @@ def _fetch(ref: ModelRef, chosen: Any, dev: torch.device, dtype: torch.dtype | N
     """The backend's tensors of ``ref`` on ``dev``, cast to ``dtype``."""
     with torch.inference_mode(False):
         tensors = chosen.get(ref.payload, dev)
-        if dtype is None:
-            return tensors
-        _cuda.finish_copies()  # (the cast reads the bytes)
-        return cast_floating(tensors, dtype)
+        with _cuda.finished_before_torch_calls():  # (the cast reads the bytes)
+            return cast_floating(tensors, dtype) if dtype is not None else tensors
 
 
 def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chosen: Any) -> Any:
