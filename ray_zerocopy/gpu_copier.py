@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 import torch
+from ray.experimental import get_object_locations
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_zerocopy import _cuda
@@ -112,15 +113,18 @@ class _Copier:
 
 
 def weights_lost(refs: list[Any]) -> bool:
-    """True once Ray says the objects are gone: their owner died (the driver that prepared them ended, or
-    the owner actor of ``node=``). A copier then exits at once instead of holding them until it is idle."""
-    try:
-        ray.get(refs[:1], timeout=10)  # (held here: a lookup in the store, no copy)
-    except ray.exceptions.ObjectLostError:  # OwnerDiedError among them
-        return True
-    except ray.exceptions.GetTimeoutError:
-        pass
-    return False
+    """True once the objects' owner is gone (the driver that prepared them ended, or the owner actor of
+    ``node=``). A copier then exits at once instead of holding them until it is idle. It asks the owner
+    where the objects are: a ``ray.get`` here would not tell, the copier holds them in the store (a local
+    hit, also after the owner died: on the H200 such a copier outlived its preparer)."""
+    for _ in range(2):  # (two failed lookups a second apart: not a one-off RPC failure)
+        try:
+            if get_object_locations(refs[:1], timeout_ms=10_000):
+                return False
+        except ray.exceptions.GetTimeoutError:  # (a busy owner)
+            return False
+        time.sleep(1.0)  # (the lookup failed: the owner did not answer)
+    return True
 
 
 def store_ranges(objects: Any) -> list[tuple[tuple[int, int, int], int, int, int]]:

@@ -333,7 +333,8 @@ def test_gpu_copiers_without_a_usable_gpu_change_nothing(ray_local):
 
 def test_weights_lost_once_their_owner_dies(ray_local):
     """A copier (GPU only) exits once its model's weights are gone: :func:`weights_lost` says so when the
-    process that put them (here an actor; a driver whose job ended, in use) has died, and not before."""
+    process that put them (here an actor; a driver whose job ended, in use) has died, and not before, also
+    where the asking process holds them (a copier does: its ``ray.get`` of them still succeeds then)."""
     from ray_zerocopy.gpu_copier import weights_lost
 
     @ray.remote(num_cpus=0)
@@ -343,9 +344,11 @@ def test_weights_lost_once_their_owner_dies(ray_local):
 
     owner = Owner.remote()
     refs = ray.get(owner.put.remote())
+    held = ray.get(refs)  # (held in this process's store mapping, as a copier holds its model's objects)
     assert not weights_lost(refs)
     ray.kill(owner)
     assert _wait(lambda: weights_lost(refs), 30), "the owner died but its objects still read as there"
+    assert held[0].sum() == 1 << 20  # (the held pages stay readable: the copier unpins them before it lets go)
 
 
 def test_store_ranges_cover_every_array_at_its_address(ray_local):
