@@ -16,7 +16,7 @@ model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and 
 so they serve first loads too. Each exits once ``PRESTART_WAIT_S`` pass with no copy (a pool's actors
 arrive over minutes: restarts, autoscaling; on the H200 a fresh actor 30 s after the last load found a
 10 s copier gone and copied alone, 156 against 56-58 ms), or once the weights are gone (:func:`weights_lost`:
-the driver that prepared the model ended). Every copier checks that each second.
+the process that prepared the model ended). Every copier asks its owner each second.
 """
 
 from __future__ import annotations
