@@ -11,14 +11,20 @@ ordinary Ray borrow: the keeper returns it) and the keeper counts the calling ac
 Lifetimes: the keeper is detached (no CPU reserved, named ``rzc-keeper-<uid>`` in namespace
 ``ray_zerocopy``). It holds the ModelRef while a driver or task that pickled it still holds its ModelRef
 (each such process pins it once, and unpins when its ModelRef is collected) or an actor that
-unpickled or pickled it is alive (checked every ``POLL_S``). Then it lets go and exits, and Ray frees the
-weights when the last replica holding them is gone. A replica that restarts (or a new one when
-autoscaling up) while either holds loads as usual; the weights' owner is still the process that
-prepared the model, which must outlive the deployment.
+unpickled or pickled it is alive (checked every ``POLL_S``), or while a Serve deployment whose replicas
+loaded it still exists and may load it again (none alive: they all died and Serve starts new ones, or it
+scaled to zero; or one appeared less than ``REPLICA_START_S`` ago). Then it lets go and exits, and Ray
+frees the weights when the last replica holding them is gone. A deployment deleted, or one whose
+replicas have run that long without loading it (redeployed with another model), does not hold it.
+A replica that restarts (or a new one when autoscaling up) while it holds loads as usual; the weights'
+owner is still the process that prepared the model, which must outlive the deployment. A config
+deploy (``serve deploy``) prepares in Serve's build task: Ray keeps that worker while its objects are
+referenced, and its keeper waits up to ``FIRST_USE_S`` for the first replica.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -28,7 +34,10 @@ import ray
 
 NAMESPACE = "ray_zerocopy"
 POLL_S = 1.0
+SERVE_REPLICA = "SERVE_REPLICA::"  # Serve names a replica actor SERVE_REPLICA::<app>#<deployment>#<id>
+REPLICA_START_S = 60.0  # a replica that has not loaded the model this long after it appeared does not use it
 GRACE_S = 5.0  # a new keeper waits this long for its first pin before it may exit
+FIRST_USE_S = float(os.environ.get("RAY_ZEROCOPY_KEEPER_FIRST_USE_S") or 600.0)  # pinned from a task: its users come later
 
 _kept: dict[str, Any] = {}  # uid -> keeper handle, for the ModelRefs this process pinned
 _lock = threading.Lock()
@@ -42,9 +51,11 @@ def keeper_name(uid: str) -> str:
 class _Keeper:
     """Holds one ModelRef while a pinning process or a user actor needs it, then exits."""
 
-    def __init__(self, model_ref: Any) -> None:
-        self.ref, self.pins = model_ref, 0
+    def __init__(self, model_ref: Any, grace_s: float) -> None:
+        self.ref, self.pins, self.grace_s = model_ref, 0, grace_s
         self.users: set[str] = set()  # actor IDs
+        self.deployments: set[tuple[str, str]] = set()  # (app, deployment) of the Serve replicas among them
+        self.seen: dict[str, float] = {}  # Serve replica actor name -> when this keeper first saw it
         self.lock = threading.Lock()
         self.started = time.monotonic()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -58,11 +69,14 @@ class _Keeper:
                 self.pins += delta
             return self.pins
 
-    def fetch(self, actor_id: str | None) -> Any:
-        """The ModelRef (the caller borrows its ObjectRefs); an actor caller counts as a user."""
+    def fetch(self, actor_id: str | None, deployment: tuple[str, str] | None = None) -> Any:
+        """The ModelRef (the caller borrows its ObjectRefs), None once let go; an actor caller counts as a
+        user, a Serve replica's deployment is remembered."""
         with self.lock:
-            if actor_id:
+            if actor_id and self.ref is not None:
                 self.users.add(actor_id)
+                self.deployments.update([deployment] if deployment else [])
+                self.grace_s = min(self.grace_s, GRACE_S)  # (the first user came)
             return self.ref
 
     def state(self) -> dict:
@@ -75,11 +89,43 @@ class _Keeper:
             users = {a for a in list(self.users) if _actor_alive(a)}
             with self.lock:
                 self.users &= users
-                if self.pins > 0 or self.users or time.monotonic() - self.started < GRACE_S:
+                if self.pins > 0 or self.users or time.monotonic() - self.started < self.grace_s:
+                    continue
+                deployments = set(self.deployments)
+            if self._restarting(deployments):
+                continue
+            with self.lock:
+                if self.pins > 0 or self.users:  # (one came meanwhile)
                     continue
                 self.ref = None  # the last reference this keeper holds: the weights can go
             ray.get_runtime_context().current_actor.shutdown.remote()  # exit_actor works only in a method
             return
+
+    def _restarting(self, deployments: set[tuple[str, str]]) -> bool:
+        """True while one of these Serve deployments still exists and its replicas may yet load the model:
+        none is alive (they all died and Serve starts new ones, or it scaled to zero), or one appeared less
+        than ``REPLICA_START_S`` ago. False once it is deleted (or Serve shut down), or where its replicas
+        run that did not load the model (a redeploy with another one)."""
+        if not deployments:
+            return False
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            apps = serve.status().applications
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]
+        except (RayServeException, ray.exceptions.RayActorError):  # no Serve (its controller is gone)
+            return False
+        except Exception:  # (no answer this time: ask again)
+            return True
+        now = time.monotonic()
+        self.seen = {n: self.seen.get(n, now) for n in names if n.startswith(SERVE_REPLICA)}
+        for app, name in deployments:
+            if app in apps and name in apps[app].deployments:
+                ages = [now - t for n, t in self.seen.items() if n.startswith(f"{SERVE_REPLICA}{app}#{name}#")]
+                if not ages or min(ages) < REPLICA_START_S:
+                    return True
+        return False
 
     def shutdown(self) -> None:
         ray.actor.exit_actor()
@@ -106,10 +152,11 @@ def keep(model_ref: Any) -> str:
     key = model_ref.uid if model_ref.member is None else f"{model_ref.uid}.{model_ref.member}"  # (one per model of a group)
     with _lock:
         if key not in _kept:
+            actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
+            in_task = actor_id is None and ray._private.worker.global_worker.mode == ray.WORKER_MODE
             keeper = _Keeper.options(  # type: ignore[attr-defined]  # (ray.remote made it an ActorClass)
                 name=keeper_name(key), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-            ).remote(model_ref)
-            actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
+            ).remote(model_ref, FIRST_USE_S if in_task else GRACE_S)  # (a task: Serve's build of a config deploy)
             ray.get(keeper.pin.remote(1, actor_id))
             _kept[key] = keeper
             if actor_id is None:  # (an actor stops counting when it dies: its finalizer may never run)
@@ -138,9 +185,22 @@ def restore(uid: str) -> Any:
 
     try:
         keeper = ray.get_actor(keeper_name(uid), namespace=NAMESPACE)
-        return ray.get(keeper.fetch.remote(ray.get_runtime_context().get_actor_id()))
+        model_ref: Any = ray.get(keeper.fetch.remote(ray.get_runtime_context().get_actor_id(), _serve_deployment()))
     except Exception as exc:  # no such actor (ValueError), it died (RayActorError), Ray not started, ...
         raise WeightsLostError(exc) from exc
+    if model_ref is None:
+        raise WeightsLostError(RuntimeError(f"the keeper of model {uid} let go of it (it is exiting)"))
+    return model_ref
+
+
+def _serve_deployment() -> tuple[str, str] | None:
+    """(app, deployment) where this process is a Serve replica (its actor's name says: Serve sets the
+    replica context only after it unpickled the constructor's arguments)."""
+    name = ray.get_runtime_context().get_actor_name() or ""
+    if not name.startswith(SERVE_REPLICA):
+        return None
+    app, deployment, _ = name[len(SERVE_REPLICA):].rsplit("#", 2)
+    return app, deployment
 
 
 def pickled_out_of_band() -> bool:

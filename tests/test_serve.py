@@ -188,7 +188,8 @@ def test_weights_leave_the_store_after_redeploy_and_shutdown(serve_port):
     assert store_used() >= base + 2 * size
     handle = serve.run(Model.options(num_replicas=2).bind(ref2), name="v", route_prefix="/v")  # a new version
     del ref1  # the driver lets v1 go; its replicas are being replaced
-    assert wait_for_store(base + 1.1 * size) <= base + 1.1 * size, "v1's weights stayed after the redeploy"
+    # (v1's keeper waits REPLICA_START_S for v2's replicas to load v1, as restarted v1 replicas would)
+    assert wait_for_store(base + 1.1 * size, timeout_s=120) <= base + 1.1 * size, "v1's weights stayed after the redeploy"
     assert torch.allclose(torch.tensor(post(serve_port, "/v", rows)["y"]), expected(v2, rows), atol=1e-5)
     handle = serve.run(Model.options(num_replicas=3).bind(ref2), name="v", route_prefix="/v")  # scale up
     assert len(replica_infos(handle, 3)) == 3
@@ -198,6 +199,48 @@ def test_weights_leave_the_store_after_redeploy_and_shutdown(serve_port):
     assert store_used() >= base + size, "v2's weights must stay while its replica runs"
     serve.shutdown()
     assert wait_for_store(base) <= base, f"{(store_used() - base) / 2**20:.0f} MiB left after serve.shutdown()"
+
+
+def build_config_app(args: dict):
+    """The ``import_path`` of the config deploy below: Serve's build task imports and calls it."""
+    return Model.options(num_replicas=2).bind(prepare_model_for_actors(mlp(args["seed"])))
+
+
+def test_config_deploy_keeps_the_weights_while_its_app_exists(serve_port):
+    """A config deploy (``serve deploy config.yaml``: the dashboard hands the config to Serve's controller,
+    as ``deploy_apps`` does here) prepares the model in Serve's build task, whose process drops its
+    ModelRef when the build returns. All replicas die at once: Serve's new ones load the weights. Deleting
+    the app frees them."""
+    from ray.serve.schema import ServeDeploySchema
+
+    model = mlp(3)
+    size = sum(p.nbytes for p in model.parameters())
+    base = wait_for_store(size // 2, timeout_s=60)  # (an earlier test's model may still be leaving)
+    rows = torch.randn(2, WIDTH).tolist()
+    config = {"applications": [{"name": "cfg", "route_prefix": "/cfg", "import_path": "test_serve:build_config_app",
+                                "args": {"seed": 3}, "runtime_env": {"env_vars": {"PYTHONPATH": os.path.dirname(__file__)}}}]}
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    deadline = time.monotonic() + 120
+    while (app := serve.status().applications.get("cfg")) is None or app.status != "RUNNING":
+        assert time.monotonic() < deadline and (app is None or app.status != "DEPLOY_FAILED"), app
+        time.sleep(1)
+    handle = serve.get_app_handle("cfg")
+    before = replica_infos(handle, 2)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while True:
+        assert time.monotonic() < deadline, "the killed replicas were not replaced"
+        try:
+            if before.keys().isdisjoint(after := replica_infos(handle, 2, timeout_s=10)):
+                break
+        except AssertionError:  # (not both up yet)
+            pass
+    assert all(info["added"] < 0.1 * size for info in after.values())  # (the shared weights, not a copy)
+    assert torch.allclose(torch.tensor(post(serve_port, "/cfg", rows)["y"]), expected(model, rows), atol=1e-5)
+    assert store_used() >= base + size
+    serve.delete("cfg")
+    assert wait_for_store(base) <= base, f"{(store_used() - base) / 2**20:.0f} MiB left after serve.delete()"
 
 
 # ---------------------------------------------------------------- GPU replicas (skip without CUDA)
