@@ -197,10 +197,8 @@ def _serve_deployment() -> tuple[str, str] | None:
     """(app, deployment) where this process is a Serve replica (its actor's name says: Serve sets the
     replica context only after it unpickled the constructor's arguments)."""
     name = ray.get_runtime_context().get_actor_name() or ""
-    if not name.startswith(SERVE_REPLICA):
-        return None
-    app, deployment, _ = name[len(SERVE_REPLICA):].rsplit("#", 2)
-    return app, deployment
+    parts = name[len(SERVE_REPLICA):].rsplit("#", 2) if name.startswith(SERVE_REPLICA) else []
+    return (parts[0], parts[1]) if len(parts) == 3 else None
 
 
 def pickled_out_of_band() -> bool:
