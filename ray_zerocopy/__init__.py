@@ -31,6 +31,7 @@ from ray_zerocopy.backend import (
     to_device,
 )
 from ray_zerocopy.errors import (
+    AdaptedDtypeError,
     BackendArgumentError,
     BackendMismatchError,
     CheckpointError,
@@ -54,10 +55,13 @@ from ray_zerocopy.errors import (
 from ray_zerocopy.hookspecs import hookimpl, hookspec
 from ray_zerocopy.invoke import rewrite_pipeline
 from ray_zerocopy.plugins import import_builtins
+from ray_zerocopy.tensor_adapters import TensorAdapter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptedDtypeError",
+    "TensorAdapter",
     "Backend",
     "BackendArgumentError",
     "BackendMismatchError",

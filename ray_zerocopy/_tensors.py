@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, cast
+from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 from ray import cloudpickle
@@ -34,6 +34,7 @@ class SplitModel:
     aliases: dict[str, str]  # every other name of a tied tensor -> its canonical name
     layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (shape, stride) of permuted tensors
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> the model's tensor
+    adapted: dict[str, str] = field(default_factory=dict)  # name of an adapted (quantized) tensor -> its type
 
 
 def view_key(t: torch.Tensor) -> tuple:
@@ -52,14 +53,20 @@ def _is_permuted_dense(t: torch.Tensor) -> bool:
 
 
 def _check_tensor(name: str, t: torch.Tensor, allow_meta: bool = False) -> None:
-    """Refuse, in the driver, tensors that cannot be carried as plain bytes."""
-    plain = type(t) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer)
+    """Refuse, in the driver, tensors that cannot be carried as plain bytes (and that no adapter carries)."""
     module = name.rpartition(".")[0]
-    if not plain:
+    if isinstance(t, (torch.nn.parameter.UninitializedParameter, torch.nn.parameter.UninitializedBuffer)):
         raise UnsupportedModelError(
-            module, f"tensor {name!r} is a {type(t).__qualname__}, not a plain tensor",
-            "materialize the model first (run a forward pass for lazy modules; remove parametrizations with "
-            "torch.nn.utils.parametrize.remove_parametrizations; dequantize quantized models)",
+            module, f"tensor {name!r} is a {type(t).__qualname__} (a lazy module that has not run yet)",
+            "materialize the model first: run one forward pass with a sample input before preparing",
+        )
+    if type(t) not in _PLAIN:
+        raise UnsupportedModelError(
+            module, f"tensor {name!r} is a {type(t).__module__}.{type(t).__qualname__}, a tensor type that no installed "
+            "tensor adapter carries (it implements neither PyTorch's __tensor_flatten__ protocol nor an adapter's type)",
+            "install the package that provides an adapter for this type, or write a ray_zerocopy.TensorAdapter for it "
+            "and register it (entry-point group 'ray_zerocopy', hook register_tensor_adapters) where the driver and "
+            "the actors run; private_copy=True does not help (the weights are split in the driver)",
         )
     if t.is_quantized or t.is_sparse or t.layout != torch.strided:
         raise UnsupportedModelError(
@@ -102,6 +109,16 @@ def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, b
         yield name, b, False
 
 
+def flat_tensors(name: str, t: torch.Tensor, adapters: Sequence[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(stored name, tensor)`` of what ``t`` is stored as: itself, or the inner tensors of an adapted one."""
+    adapter = None if type(t) in _PLAIN else next((a for a in adapters if a.handles(t)), None)
+    if adapter is None:
+        yield name, t
+        return
+    for key, inner in adapter.flatten(t)[0].items():
+        yield from flat_tensors(f"{name}:{key}", inner, adapters)
+
+
 def _plain_tensors(model: torch.nn.Module):
     """Tensors held as plain module attributes (not parameters or buffers: ``self.table = torch.randn(...)``,
     hook-based weight_norm's derived ``weight``), directly or in a list, tuple or dict attribute, by name."""
@@ -119,16 +136,23 @@ def _plain_tensors(model: torch.nn.Module):
                             if isinstance(v, torch.Tensor) and isinstance(k, (str, int)) and "." not in str(k))
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Tensor))
+
+
 def _shareable(t: torch.Tensor) -> bool:
     """A plain tensor attribute that can travel as bytes (others stay in the skeleton, as pickled)."""
-    return (type(t) in (torch.Tensor, torch.nn.Parameter, torch.nn.Buffer) and t.layout == torch.strided
+    return (type(t) in _PLAIN and t.layout == torch.strided
             and not t.is_quantized and t.device.type != "meta" and t.nbytes > 0)
 
 
 class _Splitter:
     """The unique weights of one model, and the persistent id of every tensor object put into its skeleton."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapters: Sequence[Any] = ()) -> None:
+        self.adapters = adapters
+        self.recipes: dict[int, tuple] = {}  # id of an adapted tensor -> the args of _rebuild_adapted
+        self.adapted: dict[str, str] = {}  # name of an adapted tensor -> its type
+        self.inner: set[str] = set()  # stored names that an adapted tensor is rebuilt from
         self.canonical: dict[tuple, str] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.aliases: dict[str, str] = {}
@@ -157,9 +181,39 @@ class _Splitter:
         self._keep_alive.append(t)
         return pid
 
+    def adapter_for(self, t: torch.Tensor) -> Any:
+        """The first adapter that carries ``t`` (None for plain tensors, and for types none carries)."""
+        return None if type(t) in _PLAIN else next((a for a in self.adapters if a.handles(t)), None)
+
+    def add_adapted(self, name: str, t: torch.Tensor, is_param: bool, adapter: Any) -> None:
+        """Store the inner tensors of ``t`` (an adapted, e.g. quantized, tensor) as ``name:key``, nested
+        ones recursively; the skeleton rebuilds ``t`` around them (see :func:`_rebuild_adapted`)."""
+        if id(t) in self.recipes:  # a tie: the skeleton's pickle memo keeps it one object
+            return
+        inner, meta = adapter.flatten(t)
+        for key, it in inner.items():
+            sub = f"{name}:{key}"
+            nested = self.adapter_for(it)
+            if nested is not None:
+                self.add_adapted(sub, it, is_param, nested)
+                continue
+            _check_tensor(sub, it)
+            self.add(sub, it, is_param)  # (is_param: shared like its parameter under share_gpu)
+            self.inner.add(sub)
+        self.recipes[id(t)] = (type(adapter).unflatten, inner, meta, is_param)
+        self.adapted[name] = f"{type(t).__module__}.{type(t).__qualname__}"
+        self._keep_alive.append(t)
+
     def add_unnamed(self, t: torch.Tensor) -> int | None:
         """A tensor the skeleton reaches only through other objects (found while pickling it): shared
         too, under a name of its own, if it can be."""
+        if id(t) in self.recipes:
+            return None
+        adapter = self.adapter_for(t)
+        if adapter is not None:
+            self.unnamed += 1
+            self.add_adapted(f"<tensor {self.unnamed}>", t, isinstance(t, torch.nn.Parameter), adapter)
+            return None
         if not _shareable(t):
             if t.device.type != "meta" and t.numel() and all(x is not t for x in self.unshared):
                 self.unshared.append(t)
@@ -168,7 +222,7 @@ class _Splitter:
         return self.add(f"<tensor {self.unnamed}>", t, isinstance(t, torch.nn.Parameter))
 
 
-def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
+def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequence[Any] = ()) -> SplitModel:
     """Split ``model`` into skeleton bytes and unique weights, without copying CPU weights.
 
     Parameters, buffers and tensors held in plain attributes (``self.table = torch.randn(...)``, or
@@ -179,16 +233,26 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
     CPU (one copy each; the object store needs contiguous host bytes anyway).
     With ``allow_meta`` (weights that a checkpoint fills, see ``checkpoint.py``) tensors on the
     meta device are kept as they are, tied by identity; the caller replaces them.
+    A tensor that one of ``adapters`` (``tensor_adapters.py``) carries, a quantized one, is stored as
+    its plain inner tensors (``name:key``) and rebuilt around them on load.
     """
-    split = _Splitter()
+    split = _Splitter(adapters)
     for module_name, module in model.named_modules():
         _check_module(module_name, module)
     for name, t, is_param in named_tensors(model):
+        adapter = split.adapter_for(t)
+        if adapter is not None:
+            split.add_adapted(name, t, is_param, adapter)
+            continue
         _check_tensor(name, t, allow_meta)
         split.add(name, t, is_param)
     for name, t in _plain_tensors(model):
-        if id(t) not in split.ids and _shareable(t):
+        if id(t) in split.ids or id(t) in split.recipes:
+            pass
+        elif _shareable(t):
             split.add(name, t, isinstance(t, torch.nn.Parameter))
+        elif (adapter := split.adapter_for(t)) is not None:
+            split.add_adapted(name, t, isinstance(t, torch.nn.Parameter), adapter)
         split.names.setdefault(id(t), name)
     modes = [(m, m.training) for m in model.modules()]
     try:  # pickle the skeleton in eval mode without calling train(): the caller's model is left as it was
@@ -200,7 +264,7 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False) -> SplitModel:
             m.training = mode
     if split.unshared:
         _refuse_unshared(split.unshared[0], split.names.get(id(split.unshared[0])))
-    return SplitModel(skeleton, split.weights, split.aliases, split.layouts, split.originals)
+    return SplitModel(skeleton, split.weights, split.aliases, split.layouts, split.originals, split.adapted)
 
 
 def _refuse_unshared(t: torch.Tensor, name: str | None) -> None:
@@ -238,6 +302,8 @@ class _SkeletonPickler(cloudpickle.Pickler):
         return None
 
     def reducer_override(self, obj: object) -> Any:
+        if self._split is not None and isinstance(obj, torch.Tensor) and id(obj) in self._split.recipes:
+            return _rebuild_adapted, self._split.recipes[id(obj)]
         if self._split is not None and isinstance(obj, torch.nn.Module) and type(obj).__setstate__ is _SETSTATE:
             rv = obj.__reduce_ex__(self.proto)  # (copyreg.__newobj__, (cls,), state, None, None)
             if isinstance(rv, tuple) and len(rv) == 5 and isinstance(rv[2], dict) and rv[2].keys() >= _ATTRS:
@@ -271,7 +337,8 @@ def _dumps(obj: object, ids: Mapping[int, int], split: _Splitter | None = None) 
     _SkeletonPickler(body, ids, split).dump(obj)
     if split is None:
         return body.getvalue()
-    return pickle.dumps((list(split.pids), _ATTRS), protocol=pickle.HIGHEST_PROTOCOL) + body.getvalue()
+    header = (list(split.pids), _ATTRS, frozenset(split.inner), split.adapted)
+    return pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL) + body.getvalue()
 
 
 def _pickle_skeleton(model: torch.nn.Module, split: _Splitter) -> bytes:
@@ -300,6 +367,18 @@ def weight_kinds(skeleton: bytes) -> list[tuple[str, bool]]:
     return pickle.load(io.BytesIO(skeleton))[0]
 
 
+def adapted_tensors(skeleton: bytes) -> dict[str, str]:
+    """Name -> type of every adapted (e.g. quantized) tensor a skeleton rebuilds from inner tensors."""
+    return pickle.load(io.BytesIO(skeleton))[3]
+
+
+def _rebuild_adapted(unflatten: Any, inner: dict[str, torch.Tensor], meta: Any, is_param: bool) -> torch.Tensor:
+    """An adapted tensor rebuilt (while the skeleton is unpickled) around its inner tensors, which are
+    already in place: views of shared memory, or on the load device."""
+    t = unflatten(inner, meta)
+    return torch.nn.Parameter(t, requires_grad=False) if is_param and not isinstance(t, torch.nn.Parameter) else t
+
+
 def laid(t: torch.Tensor, name: str, layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> torch.Tensor:
     """Stored tensor ``name`` with the strides its model gave it (see :attr:`SplitModel.layouts`)."""
     return t.as_strided(*layouts[name]) if name in layouts else t
@@ -320,12 +399,13 @@ def rebuild_model(
     (what the share_gpu write guard watches: ``guard_model(model, placed)``).
     """
     file = io.BytesIO(skeleton)
-    pids, attrs = pickle.load(file)
+    pids, attrs, inner, _ = pickle.load(file)
     objects: list[Any] = []  # the weights by persistent id, then the state setter
     with torch.inference_mode(False):  # inference tensors would break autograd and hide in-place writes
         for name, is_param in pids:
             t = laid(tensors[name], name, layouts)
-            if is_param and as_parameters:  # _make_subclass: what Parameter() does for a plain tensor, 3x faster
+            # (inner tensors of an adapted parameter stay plain; _make_subclass: what Parameter() does, 3x faster)
+            if is_param and as_parameters and name not in inner:
                 t = torch.Tensor._make_subclass(_PARAM, t, False) if type(t) is torch.Tensor else _PARAM(t, False)
             objects.append(t)
         objects.append(_set_module_state if _ATTRS <= attrs else _plain_set_module_state)  # (frozensets: no copy)

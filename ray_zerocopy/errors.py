@@ -61,12 +61,12 @@ class UnknownBackendError(RayZeroCopyError, ValueError):
 
 
 class DuplicateBackendError(RayZeroCopyError, ValueError):
-    """Two plugins registered a backend under the same name."""
+    """Two plugins registered a backend (or a tensor adapter) under the same name."""
 
-    def __init__(self, name: str, first: str, second: str) -> None:
+    def __init__(self, name: str, first: str, second: str, kind: str = "backend") -> None:
         self.name, self.first, self.second = name, first, second
         super().__init__(
-            f"backend name {name!r} is registered by two plugins: {first!r} and {second!r}. "
+            f"{kind} name {name!r} is registered by two plugins: {first!r} and {second!r}. "
             "Fix: uninstall one of them, or set RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD=1 and register the one you want."
         )
 
@@ -178,6 +178,19 @@ class LoadDtypeError(RayZeroCopyError, TypeError):
             f"dtype={dtype!r} cannot be used to load a model: expected a floating-point torch.dtype "
             "(torch.float16, torch.bfloat16, torch.float32, ...); only floating-point weights are converted. "
             "Fix: pass e.g. dtype=torch.float16, or dtype=None to keep the stored dtypes."
+        )
+
+
+class AdaptedDtypeError(LoadDtypeError):
+    """``dtype=`` at load time, for a model with quantized (adapter-carried) tensors, which cannot be cast."""
+
+    def __init__(self, dtype: object, tensor: str, kind: str) -> None:
+        self.dtype, self.tensor, self.kind = dtype, tensor, kind
+        RayZeroCopyError.__init__(
+            self,
+            f"dtype={dtype!r} cannot convert tensor {tensor!r}: it is a {kind} (quantized, carried by a tensor "
+            "adapter), not floating-point weights. Fix: load without dtype= (a quantized model keeps the dtypes it "
+            "was quantized with), or build and quantize the model in the dtype you want before preparing it."
         )
 
 

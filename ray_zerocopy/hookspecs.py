@@ -27,3 +27,23 @@ def register_backends(register: Callable[[type], None]) -> None:
         def register_backends(register):
             register(MyBackend)
     """
+
+
+@hookspec
+def register_tensor_adapters(register: Callable[[type], None]) -> None:
+    """Register carriers of tensor types that are not plain tensors (quantized weights): call
+    ``register(AdapterClass)`` once per ``ray_zerocopy.TensorAdapter`` subclass. Adapters are tried in
+    registration order (built-ins first); PyTorch's wrapper-subclass protocol is tried last.
+
+    Example::
+
+        from ray_zerocopy import TensorAdapter, hookimpl
+
+        class MyQuantAdapter(TensorAdapter):
+            name = "my_quant"
+            ...
+
+        @hookimpl
+        def register_tensor_adapters(register):
+            register(MyQuantAdapter)
+    """

@@ -20,8 +20,15 @@ import torch
 from ray_zerocopy import _cuda
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import private_views
-from ray_zerocopy._tensors import cast_floating, laid, rebuild_model, weight_kinds
-from ray_zerocopy.errors import BackendMismatchError, DeviceError, FormatVersionError, LoadDtypeError, WeightsLostError
+from ray_zerocopy._tensors import adapted_tensors, cast_floating, laid, rebuild_model, weight_kinds
+from ray_zerocopy.errors import (
+    AdaptedDtypeError,
+    BackendMismatchError,
+    DeviceError,
+    FormatVersionError,
+    LoadDtypeError,
+    WeightsLostError,
+)
 from ray_zerocopy.guard import guard_model
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.plugins import check_backend_arg, get_backend
@@ -91,7 +98,8 @@ def load_model_in_actor(
         UnknownBackendError: the ref's backend is not installed in this process.
         FormatVersionError: the payload was written by an incompatible backend version.
         DeviceError: ``device`` is not visible here.
-        LoadDtypeError: ``dtype`` is not a floating-point torch dtype.
+        LoadDtypeError: ``dtype`` is not a floating-point torch dtype (``AdaptedDtypeError``: the model has
+            quantized tensors, which cannot be cast).
         WeightsLostError: the weights are gone (their owner died, or they were lost or evicted), or
             the ref was unpickled outside Ray (plain ``pickle``), so Ray cannot find them.
         SharedWeightWriteError: (later, from a call) with ``share_gpu=True``, the model wrote into the
@@ -119,6 +127,8 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
     if options.backend is not None and options.backend != ref.backend:
         raise BackendMismatchError(options.backend, ref.backend)
     dev = resolve_device(options.device)
+    if options.dtype is not None and (adapted := adapted_tensors(ref.skeleton)):
+        raise AdaptedDtypeError(options.dtype, *next(iter(adapted.items())))
     share_gpu = options.share_gpu and not options.private_copy
     source = None
     if dev.type == "cuda" and not share_gpu:

@@ -26,6 +26,7 @@ import torch
 from ray_zerocopy import hookspecs
 from ray_zerocopy.backend import Backend
 from ray_zerocopy.errors import BackendArgumentError, DuplicateBackendError, UnknownBackendError
+from ray_zerocopy.tensor_adapters import TensorAdapter, WrapperSubclassAdapter
 
 DISABLE_AUTOLOAD_ENV = "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"
 BUILTINS = {  # backend name -> plugin module
@@ -33,7 +34,7 @@ BUILTINS = {  # backend name -> plugin module
     "safetensors": "ray_zerocopy.backends.safetensors_blob",
     "packed": "ray_zerocopy.backends.packed",
 }
-BUILTIN_PLUGINS = tuple(BUILTINS.values())
+BUILTIN_PLUGINS = (*BUILTINS.values(), "ray_zerocopy.tensor_adapters")
 DEFAULT_BACKEND = "object_store"
 
 
@@ -67,6 +68,7 @@ _backends: dict[str, BackendInfo] | None = None
 _instances: dict[str, Backend] = {}
 _entry_points: dict[int, tuple[str, str]] = {}  # id(plugin) -> (its distribution "name version", entry point value)
 _broken: dict[str, BrokenPlugin] = {}
+_adapters: list[TensorAdapter] | None = None
 
 
 def import_builtins() -> None:
@@ -134,10 +136,10 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
     Use it when entry points are off; remember that actors are other processes and
     must register the same plugin (for example in a Ray ``worker_process_setup_hook``).
     """
-    global _backends
+    global _backends, _adapters
     plugin_manager().register(plugin, name=name)
     with _lock:
-        _backends = None
+        _backends = _adapters = None
 
 
 def backend_infos() -> dict[str, BackendInfo]:
@@ -184,6 +186,39 @@ def _call_hook(impl: pluggy.HookImpl, dist: str) -> list[BackendInfo]:
 
     impl.function(register=register)
     return new
+
+
+def tensor_adapters() -> list[TensorAdapter]:
+    """Every registered tensor adapter, in the order they are tried: the built-in ones, the plugins',
+    then PyTorch's wrapper-subclass protocol (so a plugin can take over a type that implements it)."""
+    global _adapters
+    pm = plugin_manager()
+    with _lock:
+        if _adapters is None:
+            found: dict[str, TensorAdapter] = {}
+            owners = {WrapperSubclassAdapter.name: "ray_zerocopy.tensor_adapters"}
+            for impl in reversed(pm.hook.register_tensor_adapters.get_hookimpls()):  # (pluggy: last registered first)
+                new: list[Any] = []
+                try:
+                    impl.function(register=new.append)
+                    for cls in new:
+                        if not (isinstance(cls, type) and issubclass(cls, TensorAdapter)) or not getattr(cls, "name", None):
+                            raise TypeError(
+                                f"plugin {impl.plugin_name!r} registered {cls!r}: expected a ray_zerocopy.TensorAdapter "
+                                "subclass with a `name`. Fix: subclass ray_zerocopy.TensorAdapter and set name = '...'.")
+                except Exception as exc:
+                    if id(impl.plugin) not in _entry_points:  # a built-in, or registered by hand: the caller's error
+                        raise
+                    dist, target = _entry_points[id(impl.plugin)]
+                    _skip(BrokenPlugin(impl.plugin_name, dist, target, f"{type(exc).__name__}: {exc}"))
+                    continue
+                for cls in new:
+                    if cls.name in owners:
+                        raise DuplicateBackendError(cls.name, owners[cls.name], impl.plugin_name, kind="tensor adapter")
+                    owners[cls.name] = impl.plugin_name
+                    found[cls.name] = cls()
+            _adapters = [*found.values(), WrapperSubclassAdapter()]
+        return _adapters
 
 
 def backend_names() -> list[str]:

@@ -10,7 +10,7 @@ from ray_zerocopy._store import store_weights
 from ray_zerocopy._tensors import split_model
 from ray_zerocopy.errors import NotAModuleError
 from ray_zerocopy.model_ref import ModelRef, object_refs
-from ray_zerocopy.plugins import DEFAULT_BACKEND, backend_infos, check_backend_arg, get_backend
+from ray_zerocopy.plugins import DEFAULT_BACKEND, backend_infos, check_backend_arg, get_backend, tensor_adapters
 
 
 def prepare_model_for_actors(
@@ -73,7 +73,7 @@ def prepare_model_for_actors(
     check_backend_arg(backend, "prepare_model_for_actors", 2)
     backend_infos()  # discover every plugin here, in the driver: one that clashes with a built-in fails now
     chosen = get_backend(backend)
-    split = split_model(model, allow_meta=checkpoint is not None)
+    split = split_model(model, allow_meta=checkpoint is not None, adapters=tensor_adapters())
     stored = store_weights(chosen, split, checkpoint, node, progress)
     nbytes = sum(t.nbytes for t in split.weights.values())
     ref = ModelRef(split.skeleton, stored.payload, chosen.name, chosen.format_version, nbytes, stored.layouts,
