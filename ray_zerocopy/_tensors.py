@@ -58,7 +58,7 @@ def _check_tensor(name: str, t: torch.Tensor, allow_meta: bool = False) -> None:
     if isinstance(t, (torch.nn.parameter.UninitializedParameter, torch.nn.parameter.UninitializedBuffer)):
         raise UnsupportedModelError(
             module, f"tensor {name!r} is a {type(t).__qualname__} (a lazy module that has not run yet)",
-            "materialize the model first: run one forward pass with a sample input before preparing",
+            "materialize the model first: run a forward pass with a sample input before preparing",
         )
     if type(t) not in _PLAIN:
         raise UnsupportedModelError(

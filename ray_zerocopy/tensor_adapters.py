@@ -89,6 +89,8 @@ class BitsAndBytesAdapter(TensorAdapter):
         quant_meta = None
         if quant is not None:
             fields = quant.as_dict()
+            if quant.nested:  # (as_dict clones it: the stored table would be a copy, not the model's)
+                fields["nested_quant_map"] = quant.state2.code
             inner.update({k: v for k, v in fields.items() if isinstance(v, torch.Tensor)})
             quant_meta = {k: v for k, v in fields.items() if not isinstance(v, torch.Tensor)}
         for key in self._SCALES:

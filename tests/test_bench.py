@@ -43,7 +43,7 @@ def test_every_approach_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert r["ok"], f"{r['name']}: {r['error']}"
         assert len(r["cold_s"]) == 2 and len(r["warm_s"]) == 4, r["name"]
         assert all(0 < t < 60 for t in r["cold_s"] + r["warm_s"]), r["name"]
-        assert r["prepare_s"] >= 0 and r["driver_peak_rss_bytes"] >= 0, r["name"]
+        assert 0 < r["prepare_s"] < 600 and isinstance(r["driver_peak_rss_bytes"], int), r["name"]  # (0 B added: ours)
         assert len(r["actor_pss_added_bytes"]) == 2 and r["node_bytes"] > 0, r["name"]
         assert r["max_abs_diff"] == r["max_abs_diff"], f"{r['name']}: output is NaN"  # NaN != NaN
         if r["kind"] == "ours":

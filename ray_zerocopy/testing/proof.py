@@ -32,12 +32,17 @@ def merged_mappings(marker: str) -> list[tuple[int, int]]:
 
 
 def unique_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer of ``model`` once (first name wins)."""
+    """Every parameter and buffer of ``model`` once (first name wins); an adapted (quantized) tensor as
+    the inner tensors it is stored as (``name:key``)."""
+    from ray_zerocopy._tensors import flat_tensors
+    from ray_zerocopy.plugins import tensor_adapters
+
+    adapters = tensor_adapters()
     seen: set[int] = set()
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
-            yield name, t
+            yield from flat_tensors(name, t, adapters)
 
 
 def outside(tensors: dict[str, torch.Tensor], marker: str) -> list[str]:
