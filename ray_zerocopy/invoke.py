@@ -20,13 +20,13 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
-from ray_zerocopy._tensors import flat_tensors, named_tensors, rebuild_model
+from ray_zerocopy._tensors import rebuild_model
 from ray_zerocopy.errors import MethodNotFoundError, ShimAttributeError
 from ray_zerocopy.load import load_model_in_actor
 from ray_zerocopy.model_ref import ModelRef
 from ray_zerocopy.pipeline import model_attrs, set_attr, shallow_copy
-from ray_zerocopy.plugins import DEFAULT_BACKEND, tensor_adapters
-from ray_zerocopy.prepare import prepare_model_for_actors
+from ray_zerocopy.plugins import DEFAULT_BACKEND
+from ray_zerocopy.prepare import prepare_split
 
 Specs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 _NEEDS_WEIGHTS = (
@@ -162,10 +162,8 @@ def _checked_methods(model: torch.nn.Module, method_names: Sequence[str]) -> tup
 
 def _shim(model: torch.nn.Module, method_names: Sequence[str], backend: str, remote_options: dict | None) -> RemoteModel:
     methods = _checked_methods(model, method_names)
-    ref = prepare_model_for_actors(model, backend=backend)
-    adapters = tensor_adapters()
-    specs = {name: ((t.numel(),) if name in ref.layouts else tuple(t.shape), t.dtype)
-             for outer, tensor, _ in named_tensors(model) for name, t in flat_tensors(outer, tensor, adapters)}
+    ref, split = prepare_split(model, backend)
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in split.weights.items()}  # (permuted ones stored flat)
     return RemoteModel(ref, methods, remote_options, specs, type(model).__qualname__)
 
 

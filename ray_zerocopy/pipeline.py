@@ -14,10 +14,11 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
+from ray_zerocopy._tensors import flat_tensors
 from ray_zerocopy.errors import NoModelsError, NotAModuleError
 from ray_zerocopy.load import LoadOptions, load_model, member_of
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
-from ray_zerocopy.plugins import DEFAULT_BACKEND, check_backend_arg
+from ray_zerocopy.plugins import DEFAULT_BACKEND, check_backend_arg, tensor_adapters
 from ray_zerocopy.prepare import prepare_model_for_actors
 
 
@@ -122,10 +123,12 @@ def rewrite_pipeline_for_actors(
 def share_parts(models: list[torch.nn.Module]) -> bool:
     """True if two of the models hold the same submodule, or tensors over the same bytes."""
     owner: dict[tuple, int] = {}
+    adapters = tensor_adapters()  # (a quantized tensor's bytes are those of its inner tensors)
     for i, model in enumerate(models):
         keys: set[tuple] = {("module", id(m)) for m in model.modules()}
+        tensors = [inner for t in [*model.parameters(), *model.buffers()] for _, inner in flat_tensors("", t, adapters)]
         keys |= {("bytes", t.device, t.untyped_storage().data_ptr())
-                 for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta" and t.nbytes}
+                 for t in tensors if t.device.type != "meta" and t.nbytes}
         for key in keys:
             if owner.setdefault(key, i) != i:
                 return True

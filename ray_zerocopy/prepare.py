@@ -7,7 +7,7 @@ import os
 import torch
 
 from ray_zerocopy._store import store_weights
-from ray_zerocopy._tensors import split_model
+from ray_zerocopy._tensors import SplitModel, split_model
 from ray_zerocopy.errors import NotAModuleError
 from ray_zerocopy.model_ref import ModelRef, object_refs
 from ray_zerocopy.plugins import DEFAULT_BACKEND, backend_infos, check_backend_arg, get_backend, tensor_adapters
@@ -68,6 +68,12 @@ def prepare_model_for_actors(
         ...     skeleton = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
         >>> ref = prepare_model_for_actors(skeleton, checkpoint="llama/")  # doctest: +SKIP
     """
+    return prepare_split(model, backend, checkpoint, node, progress, gpu_copiers)[0]
+
+
+def prepare_split(model: torch.nn.Module, backend: str, checkpoint: str | os.PathLike | None = None, node: str | None = None,
+                  progress: bool | None = None, gpu_copiers: bool = False) -> tuple[ModelRef, SplitModel]:
+    """:func:`prepare_model_for_actors`, and the split it stored (the tensors' names and shapes, for task shims)."""
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(model)
     check_backend_arg(backend, "prepare_model_for_actors", 2)
@@ -82,4 +88,4 @@ def prepare_model_for_actors(
         from ray_zerocopy.gpu_copier import start_copiers
 
         start_copiers(ref)
-    return ref
+    return ref, split

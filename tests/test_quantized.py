@@ -18,6 +18,7 @@ import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, QuantoConfig, TorchAoConfig
 
 from ray_zerocopy import AdaptedDtypeError, UnsupportedModelError, load_model_in_actor, prepare_model_for_actors
+from ray_zerocopy.plugins import get_backend
 from ray_zerocopy.testing import tensors_outside_shared_memory
 
 warnings.filterwarnings("ignore", module="torchao|bitsandbytes|optimum")
@@ -103,11 +104,13 @@ def _q_proj(model: torch.nn.Module) -> torch.Tensor:
 
 
 @ray.remote(num_cpus=0.5)
-def _load_and_run(ref, ids: torch.Tensor, **options) -> tuple[torch.Tensor, str, list[str]]:
+def _load_and_run(ref, ids: torch.Tensor, **options) -> tuple[torch.Tensor, str, list[str] | None]:
     model = load_model_in_actor(ref, **options)
     with torch.no_grad():
         logits = model(ids).logits
-    return logits, type(_q_proj(model)).__name__, tensors_outside_shared_memory(model)
+    backend = get_backend(ref.backend)  # (a transport that claims no zero copy is not checked for it)
+    outside = tensors_outside_shared_memory(model, backend.shared_memory_marker) if backend.zero_copy else None
+    return logits, type(_q_proj(model)).__name__, outside
 
 
 @pytest.mark.other_backends_slow
@@ -120,8 +123,7 @@ def test_quantized_model_is_shared_and_bit_identical(ray_local, backend, recipe)
     logits, kind, outside = ray.get(_load_and_run.remote(ref, IDS))
     assert kind == RECIPES[recipe][1]
     assert torch.equal(logits, expected)
-    if backend != "fake_per_tensor":  # (the fake transport copies on purpose: it claims no zero copy)
-        assert outside == [], f"not views of the object store: {outside}"
+    assert outside in ([], None), f"not views of shared memory: {outside}"
 
 
 def test_private_copy_and_copy_on_write(ray_local):
@@ -161,3 +163,85 @@ def test_unknown_tensor_type_is_refused_with_the_real_options(ray_local):
     message = str(info.value)
     assert "'weight'" in message and "Opaque" in message and "TensorAdapter" in message
     assert "dequantize" not in message and "private_copy=True does not help" in message
+
+
+class Generator:
+    """A pipeline object: a quantized model plus plain attributes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.name = "gen"
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(ids).logits
+
+
+@pytest.mark.parametrize("recipe", ["hf-bnb-nf4", "torchao-int8-dynamic"])
+def test_pipelines_and_task_mode(ray_local, recipe):
+    from ray_zerocopy import load_pipeline_in_actor, rewrite_pipeline, rewrite_pipeline_for_actors
+
+    model, expected = _built(recipe)
+    skeleton, refs = rewrite_pipeline_for_actors(Generator(model))
+
+    @ray.remote(num_cpus=0.5)
+    def run(skeleton, refs, ids):
+        return load_pipeline_in_actor(skeleton, refs)(ids)
+
+    assert torch.equal(ray.get(run.remote(skeleton, refs, IDS)), expected)
+    remote = rewrite_pipeline(Generator(model))  # each model call runs in a Ray task
+    assert torch.equal(remote.model(IDS).logits, expected)
+    assert remote.model.config.hidden_size == CONFIG.hidden_size  # (from the skeleton, rebuilt on the meta device)
+
+
+@pytest.mark.slow
+def test_peft_lora_unmerged_and_a_shared_base_with_per_actor_adapters(ray_local, tmp_path):
+    """One shared base per node, a small LoRA adapter per actor: the base weights stay views of the node's
+    shared memory (LoRA never writes them), and each actor answers as its adapter's model in the driver."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    adapters = {}
+    for i in range(2):
+        base = _llama()
+        torch.manual_seed(10 + i)
+        lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        lora.save_pretrained(tmp_path / f"adapter{i}")
+        with torch.no_grad():
+            adapters[i] = lora.eval()(IDS).logits
+    assert not torch.equal(adapters[0], adapters[1])
+
+    unmerged = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        expected = unmerged(IDS).logits
+
+    @ray.remote(num_cpus=0.5)
+    def run_peft(ref, ids):
+        with torch.no_grad():
+            return load_model_in_actor(ref)(ids).logits
+
+    assert torch.equal(ray.get(run_peft.remote(prepare_model_for_actors(unmerged), IDS)), expected)
+
+    @ray.remote(num_cpus=0.5)
+    class Replica:
+        def __init__(self, base_ref, adapter_dir: str) -> None:
+            self.model = PeftModel.from_pretrained(load_model_in_actor(base_ref), adapter_dir).eval()
+
+        def run(self, ids):
+            with torch.no_grad():
+                logits = self.model(ids).logits
+            base = {k: v for k, v in self.model.named_parameters() if "lora_" not in k}
+            return logits, [k for k, v in base.items() if v.data_ptr() and not _shared(v)]
+
+    base_ref = prepare_model_for_actors(_llama())
+    replicas = [Replica.remote(base_ref, str(tmp_path / f"adapter{i}")) for i in range(2)]
+    for i, replica in enumerate(replicas):
+        logits, private = ray.get(replica.run.remote(IDS))
+        assert torch.equal(logits, adapters[i])
+        assert private == [], f"base weights copied into the actor: {private}"
+
+
+def _shared(t: torch.Tensor) -> bool:
+    from ray_zerocopy._shm import STORE_MARKER
+    from ray_zerocopy.testing import merged_mappings
+
+    return any(lo <= t.data_ptr() < hi for lo, hi in merged_mappings(STORE_MARKER))

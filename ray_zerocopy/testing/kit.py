@@ -42,7 +42,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (NaNs and -0.0 included)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
@@ -59,7 +59,7 @@ def _ties(named: dict[str, torch.Tensor]) -> set[frozenset[str]]:
 
 
 @contextlib.contextmanager
-def _registered(plugin: object | None) -> Iterator[None]:
+def registered(plugin: object | None) -> Iterator[None]:
     """Register ``plugin`` in this process while the block runs (for a backend not installed)."""
     from ray_zerocopy import plugins
 
@@ -73,7 +73,7 @@ def _registered(plugin: object | None) -> Iterator[None]:
     finally:  # plugins.py has no unregister: undo by hand so the kit leaves the registry as it found it
         plugins.plugin_manager().unregister(name=name)
         with plugins._lock:
-            plugins._backends = None
+            plugins._backends = plugins._adapters = None
             plugins._instances.clear()
 
 
@@ -94,7 +94,7 @@ def _put_untouched(name: str) -> tuple[object, list[str]]:
         return payload, [f"put() changed the names of its input mapping: {sorted(given)}"]
     return payload, [f"put() changed its input tensor {k!r} (replaced, moved, restrided or written)"
                      for k, (t, ptr, stride) in before.items()
-                     if given[k] is not t or (t.data_ptr(), t.stride()) != (ptr, stride) or not _same(t, expected[k])]
+                     if given[k] is not t or (t.data_ptr(), t.stride()) != (ptr, stride) or not same_bytes(t, expected[k])]
 
 
 def _check_tensors(name: str, payload: object, device: str) -> list[str]:
@@ -107,7 +107,7 @@ def _check_tensors(name: str, payload: object, device: str) -> list[str]:
         return [f"get() returned names {sorted(got)}, expected {sorted(expected)}"]
     problems = [f"tensor {k!r} ({t.dtype}, {tuple(t.shape)}) came back as {got[k].dtype}, "
                 f"{tuple(got[k].shape)} on {got[k].device} with other bytes"
-                for k, t in expected.items() if not _same(got[k], t) or got[k].device.type != device.split(":")[0]]
+                for k, t in expected.items() if not same_bytes(got[k], t) or got[k].device.type != device.split(":")[0]]
     if device == "cpu" and backend.zero_copy and (away := outside(got, _marker(backend))):
         problems.append(f"zero_copy=True, but {away} are not views of shared memory ({_marker(backend)!r})")
     return problems
@@ -121,12 +121,12 @@ def _check_model(name: str, model_name: str, ref: Any, device: str) -> list[str]
     loaded = load_model_in_actor(ref, device=device)
     with torch.no_grad():  # both evaluated here, on one device: same kernels, same rounding
         expected, got = original(ids).cpu(), loaded(ids).cpu()
-    problems = [] if _same(got, expected) else ["output differs from the original model's (not bit-for-bit)"]
+    problems = [] if same_bytes(got, expected) else ["output differs from the original model's (not bit-for-bit)"]
     want, have = _all_named(original), _all_named(loaded)
     if set(want) != set(have):
         problems.append(f"tensor names differ: missing {sorted(set(want) - set(have))}, extra {sorted(set(have) - set(want))}")
     problems += [f"tensor {k!r} differs (dtype, shape, strides or bytes)" for k in sorted(set(want) & set(have))
-                 if not _same(want[k], have[k]) or (device == "cpu" and want[k].stride() != have[k].stride())]
+                 if not same_bytes(want[k], have[k]) or (device == "cpu" and want[k].stride() != have[k].stride())]
     if _ties(want) != _ties(have):
         problems.append(f"tied weights not restored as one object: expected {_ties(want)}, got {_ties(have)}")
     if loaded.training or any(p.requires_grad for p in loaded.parameters()):
@@ -148,7 +148,7 @@ def _check_bad(name: str, payload: object) -> list[str]:
 
 
 def _kit_task(check: str, name: str, plugin: object | None, args: tuple, device: str) -> list[str]:
-    with _registered(plugin):
+    with registered(plugin):
         if check == "tensors":
             return _check_tensors(name, args[0], device)
         if check == "model":
@@ -204,7 +204,7 @@ def check_backend(
     if not ray.is_initialized():
         raise RuntimeError("check_backend runs inside a running Ray: call ray.init() first")
     task = ray.remote(_kit_task).options(num_cpus=1, num_gpus=0 if device == "cpu" else 1, max_retries=0)
-    with _registered(plugin):
+    with registered(plugin):
         try:
             backend = get_backend(name)
         except UnknownBackendError as exc:
@@ -216,7 +216,7 @@ def check_backend(
             jobs.append((f"model {model_name}", task.remote("model", name, plugin, (model_name, ref), device)))
         for bad in [*GENERIC_BAD_PAYLOADS, *(bad_payloads(payload) if bad_payloads else [])]:
             jobs.append((f"bad payload {bad!r:.80}", task.remote("bad", name, plugin, (bad,), "cpu")))
-        problems, passed = _collect(jobs, timeout_s)
+        problems, passed = collect_checks(jobs, timeout_s)
         problems[:0] = put_problems
     if backend.name != name or not isinstance(backend.zero_copy, bool) or type(backend.format_version) is not int:
         problems.insert(0, f"class attributes: name={backend.name!r} (registered as {name!r}), zero_copy="
@@ -226,7 +226,7 @@ def check_backend(
     return passed
 
 
-def _collect(jobs: Sequence[tuple[str, Any]], timeout_s: float) -> tuple[list[str], list[str]]:
+def collect_checks(jobs: Sequence[tuple[str, Any]], timeout_s: float) -> tuple[list[str], list[str]]:
     """Wait for every check task; a timeout, a dead worker or an error in the task is a failure."""
     import time
 
