@@ -47,9 +47,14 @@ class ModelSpec:
     family: str  # "bert" or "gpt2"
     config: dict[str, Any] = field(default_factory=dict)  # transformers config overrides
     dtype: str = "float32"
+    quantize: str = "none"  # one of QUANTIZE: how build_model quantizes the model's linear layers
 
 
-def make_spec(preset: str, dtype: str, layers: int | None = None, hidden: int | None = None) -> ModelSpec:
+QUANTIZE = ("none", "torchao-int8", "torchao-int8-dynamic", "quanto-int8", "bnb-nf4", "bnb-int8")
+
+
+def make_spec(preset: str, dtype: str, layers: int | None = None, hidden: int | None = None,
+              quantize: str = "none") -> ModelSpec:
     """A :class:`ModelSpec` from a preset name and optional size overrides (heads = hidden / 64).
 
     Raises:
@@ -75,7 +80,11 @@ def make_spec(preset: str, dtype: str, layers: int | None = None, hidden: int | 
         config.update(dict(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden)
                       if bert else dict(n_embd=hidden, n_head=heads))
         name += f"-H{hidden}"
-    return ModelSpec(name, family, config, dtype)
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown --quantize {quantize!r}; expected one of {', '.join(QUANTIZE)}")
+    if quantize != "none":
+        name += f"-{quantize}"
+    return ModelSpec(name, family, config, dtype, quantize)
 
 
 def _model_class(spec: ModelSpec) -> tuple[Any, Any]:  # (a transformers model class, its config)
@@ -109,7 +118,45 @@ def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
         model.tie_weights()
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(_fill, enumerate(model.named_parameters())))
-    return model.to(getattr(torch, spec.dtype)).eval().requires_grad_(False)
+    model = model.to(getattr(torch, spec.dtype)).eval().requires_grad_(False)
+    return model if meta or spec.quantize == "none" else quantize_model(model, spec.quantize)
+
+
+QUANTIZER_MODULES = {"torchao": "torchao.quantization", "quanto": "optimum.quanto", "bnb": "bitsandbytes"}
+
+
+def quantizer_module(how: str) -> str | None:
+    """The library module a ``--quantize`` model needs imported (every approach's actors import it first)."""
+    return None if how == "none" else QUANTIZER_MODULES[how.split("-")[0]]
+
+
+def quantize_model(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    """Quantize the model's linear layers in place with the library's own API (deterministic: the same model
+    gives the same bytes). GPT-2's attention and MLP are Conv1D, not Linear: quantize a BERT."""
+    if how.startswith("torchao"):
+        import torchao.quantization as q
+
+        config = q.Int8WeightOnlyConfig() if how == "torchao-int8" else q.Int8DynamicActivationInt8WeightConfig()
+        q.quantize_(model, config)
+    elif how == "quanto-int8":
+        import optimum.quanto as oq
+
+        oq.quantize(model, weights=oq.qint8)
+        oq.freeze(model)
+    else:  # bitsandbytes: what transformers' BitsAndBytesConfig does to each Linear (lm_head kept, as it does)
+        import bitsandbytes as bnb
+
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear or child_name == "lm_head":
+                    continue
+                args = (child.in_features, child.out_features, child.bias is not None)
+                new = (bnb.nn.Linear4bit(*args, compute_dtype=child.weight.dtype, quant_type="nf4",
+                                         compress_statistics=True) if how == "bnb-nf4"
+                       else bnb.nn.Linear8bitLt(*args, has_fp16_weights=False))
+                new.load_state_dict(child.state_dict())
+                setattr(parent, child_name, new.to("cpu").eval().requires_grad_(False))  # (.to quantizes)
+    return model
 
 
 def _fill(item: tuple[int, tuple[str, torch.Tensor]]) -> None:
@@ -146,11 +193,17 @@ def all_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(first name -> contiguous tensor, alias -> first name): what a format without sharing can store."""
+    """(first name -> contiguous tensor, alias -> first name): what a format without sharing can store
+    (a quantized tensor: the plain tensors it is stored as)."""
+    from ray_zerocopy._tensors import flat_tensors
+    from ray_zerocopy.plugins import tensor_adapters
+
+    adapters = tensor_adapters()
     first: dict[tuple, str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    for name, t in all_tensors(model).items():
+    flat = [pair for outer, tensor in all_tensors(model).items() for pair in flat_tensors(outer, tensor, adapters)]
+    for name, t in flat:
         key = view_key(t)
         if key in first:
             aliases[name] = first[key]

@@ -277,6 +277,7 @@ def _meta(opts: Options, unique: dict[str, torch.Tensor]) -> dict[str, Any]:
 
     return {
         "model": opts.spec.name, "family": opts.spec.family, "config": opts.spec.config, "dtype": opts.spec.dtype,
+        "quantize": opts.spec.quantize,
         "model_bytes": sum(t.nbytes for t in unique.values()), "tensors": len(unique),
         "actors": opts.actors, "device": opts.device, "repeats": opts.repeats,
         "fast_repeats": opts.fast_repeats, "fast_s": FAST_S, "cold_rounds": opts.cold_rounds,
@@ -301,7 +302,8 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     results: dict[str, dict[str, Any]] = {}
     try:
         ctx = Context(workdir, os.path.join(workdir, "reference.pt"), meta["model_bytes"])
-        torch.save(all_tensors(model), ctx.reference)
+        if opts.spec.quantize == "none":  # (a quantized reference is built again where it is checked)
+            torch.save(all_tensors(model), ctx.reference)
         OURS_OPTIONS["gpu_copiers"] = opts.args.gpu_copiers
         if opts.args.checkpoint:
             CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ray_zerocopy.bench.approaches import CKPT_PREFIX, OTHERS, OURS_PREFIX, PRESETS, ModelSpec, make_spec
+from ray_zerocopy.bench.approaches import CKPT_PREFIX, OTHERS, OURS_PREFIX, PRESETS, QUANTIZE, ModelSpec, make_spec
 from ray_zerocopy.bench.probe import FAST_S
 
 
@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="override the number of transformer layers")
     p.add_argument("--hidden", type=int, help="override the hidden size (a multiple of 64; heads = hidden/64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                   help="quantize the model's linear layers in the driver first (a BERT preset: GPT-2's layers are "
+                        "Conv1D); compared with ray_put (each actor its own quantized copy), the only alternative "
+                        "that carries quantized tensors")
     p.add_argument("--actors", type=int, default=4, help="actors holding the model at once (default 4)")
     p.add_argument("--backends", default="all", help="comma list of our transports (default: every registered)")
     p.add_argument("--approaches", default="all",
@@ -68,6 +72,11 @@ def _select(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--backends: unknown {unknown}; registered here: {registered}")
     ours = [OURS_PREFIX + b for b in backends]
     every = [a for a in OTHERS if args.checkpoint or a != "from_pretrained_put"]
+    if args.quantize != "none":  # the others rebuild a dense skeleton, or cannot carry tensor subclasses
+        every = ["ray_put"]
+        if args.approaches != "all" and (bad := [a.strip() for a in args.approaches.split(",") if a.strip() in OTHERS
+                                                 and a.strip() != "ray_put"]):
+            raise ValueError(f"--approaches {bad} cannot run a --quantize model; ours and ray_put can")
     wanted = ["ours", *every] if args.approaches == "all" else [a.strip() for a in args.approaches.split(",")]
     chosen: list[str] = []
     for name in wanted:
@@ -99,7 +108,9 @@ def parse_options(argv: list[str]) -> Options:
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if (args.share_gpu or args.gpu_copiers) and args.device == "cpu":
         raise ValueError("--share-gpu and --gpu-copiers need --device cuda (CPU weights are shared host memory anyway)")
-    spec = make_spec(args.model, args.dtype, args.layers, args.hidden)
+    spec = make_spec(args.model, args.dtype, args.layers, args.hidden, args.quantize)
+    if args.quantize != "none" and args.checkpoint:
+        raise ValueError("--quantize and --checkpoint cannot be combined (the checkpoint route is for dense folders)")
     return Options(args, spec, _select(args), args.actors, args.device, args.repeats, args.fast_repeats,
                    args.cold_rounds)
 

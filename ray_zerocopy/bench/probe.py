@@ -8,12 +8,13 @@ file mappings (``torch.load(mmap=True)``) stay in, shared between the actors tha
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import statistics
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import ray
 import torch
@@ -25,6 +26,7 @@ from ray_zerocopy.bench.approaches import (
     build_model,
     get_approach,
     load_torch_file,
+    quantizer_module,
     run_model,
     sample_input,
 )
@@ -155,6 +157,8 @@ class BenchActor:
         import ray_zerocopy  # noqa: F401
 
         build_model(spec, meta=True)  # imports the transformers model module
+        if quantizer_module(spec.quantize):  # (importing the quantization library is not loading either)
+            importlib.import_module(cast(str, quantizer_module(spec.quantize)))
         if device.startswith("cuda"):  # CUDA context creation (~0.3 s) is not loading: every approach pays it
             torch.zeros(1, device=device).sum().item()
         self.spec, self.device, self.share_gpu = spec, device, share_gpu
@@ -209,7 +213,10 @@ class BenchActor:
 
     def check(self, reference_path: str) -> float:
         """Max abs difference between this model's output and the original weights' output, both here."""
-        reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
+        if self.spec.quantize == "none":
+            reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
+        else:  # (built and quantized again: both are deterministic)
+            reference = build_model(self.spec).to(self.device)
         expected = run_model(reference, self.ids)
         del reference
         assert self.out is not None, "run_and_measure first"
