@@ -39,3 +39,15 @@ def test_serve_example():
 def test_hf_pipeline_example():
     out = run_example("hf_pipeline_ray_data.py", "--small")
     assert re.search(r"classified 64 rows with 2 actors; labels equal to the driver's pipeline: 64/64; .* -> OK", out), out
+
+
+@pytest.mark.parametrize("quantize", ["torchao-int8", "bnb-nf4"])
+def test_quantized_ray_data_example(quantize):
+    out = run_example("quantized_ray_data.py", "--small", "--quantize", quantize)
+    assert re.search(r"4 actors predicted 64 rows; equal to the driver's quantized model: 64/64 -> OK", out), out
+
+
+def test_serve_lora_adapters_example():
+    out = run_example("serve_lora_adapters.py", "--small")
+    assert len(re.findall(r"2 replicas: logits equal to the driver's base \+ adapter: True; base weights shared "
+                          r"\(zero-copy\): True -> OK", out)) == 2, out
