@@ -428,3 +428,8 @@ def cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[
             new = new.clone()  # a view of a transport's raw device buffer would keep all of it alive
         out[name] = new
     return out
+
+
+def named_plain_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors held as plain module attributes (not parameters or buffers), by name (see ``split_model``)."""
+    return _plain_tensors(model)
