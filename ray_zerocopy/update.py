@@ -210,9 +210,22 @@ def swap(pairs: list[Pair]) -> None:
         for live, old in done:
             live.data = old
         raise
+    _retire([old for _, old in done])
     for dev in devices:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # the staging copy is freed once every copy from it has run
+
+
+RETIRE_S = 2.0  # how long an old version's CPU tensors outlive the swap
+
+
+def _retire(old: list[torch.Tensor]) -> None:
+    """Drop the old version's CPU tensors ``RETIRE_S`` from now, not at once: an op that another thread began
+    on them before the swap (a call not inside :func:`hold_weights`) still reads their memory, which their last
+    reference unmaps."""
+    timer = threading.Timer(RETIRE_S, old.clear)
+    timer.daemon = True
+    timer.start()
 
 
 class _Gate:
