@@ -304,12 +304,13 @@ class UpdateMismatchError(RayZeroCopyError, ValueError):
     def __init__(self, missing: list[str], unexpected: list[str],
                  mismatched: list[tuple[str, tuple[str, tuple], tuple[str, tuple]]], where: str = "actor") -> None:
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"in the loaded model but not in the new version: {n}" for n in missing]
-        lines += [f"in the new version but not in the loaded model: {n}" for n in unexpected]
+        base = "the loaded model" if where == "actor" else "the previous version (like=)"
+        lines = [f"in {base} but not in the new version: {n}" for n in missing]
+        lines += [f"in the new version but not in {base}: {n}" for n in unexpected]
         lines += [f"{n}: the loaded model has {m[0]}{list(m[1])}, the new version {c[0]}{list(c[1])}"
                   for n, m, c in mismatched]
         shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
-        kept = "the model keeps its previous weights" if where == "actor" else "nothing was stored"
+        kept = "the model keeps its previous weights" if where == "actor" else "nothing was stored (prepare ran in the driver)"
         super().__init__(
             f"the new weights do not fit the loaded model ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(mismatched)} mismatched); {kept}:\n  {shown}\nFix: prepare the new version from a model of "

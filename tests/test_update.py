@@ -244,3 +244,24 @@ def test_100_updates_grow_neither_the_store_nor_the_actors(ray_local):
     assert store[100] <= size_mib + 1 and store[10] <= size_mib + 1, store  # the newest version only
     growth = [(b - a) / 2**20 for a, b in zip(uss[10], uss[100])]
     assert max(growth) < size_mib / 4, f"actor private memory grew {growth} MiB over 90 updates"
+
+
+def test_like_puts_only_weights_and_refuses_another_architecture_in_the_driver(gpt2_worker, tmp_path):
+    worker, v1, ref1 = gpt2_worker
+    x = zoo_input()
+    v2 = _gpt2(2)
+    ref2 = prepare_model_for_actors(v2, like=ref1)
+    assert ref2.skeleton is ref1.skeleton and ref2.uid != ref1.uid
+    ray.get(worker.update.remote(ref2))
+    assert torch.equal(ray.get(worker.run.remote(x)).logits, v2(x).logits)
+    assert torch.equal(load_model_in_actor(ref2)(x).logits, v2(x).logits)  # a fresh load of it (a new replica)
+    _gpt2(3).save_pretrained(tmp_path)  # a new checkpoint folder, as a trainer writes it
+    from ray_zerocopy.hf import prepare_pretrained
+
+    ray.get(worker.update.remote(prepare_pretrained(tmp_path, like=ref1)))
+    assert torch.equal(ray.get(worker.run.remote(x)).logits, _gpt2(3)(x).logits)
+    with pytest.raises(UpdateMismatchError) as info:
+        prepare_model_for_actors(_gpt2(1, n_layer=3), like=ref1)
+    assert "in the new version but not in the previous version (like=): transformer.h.2.ln_1.weight" in str(info.value)
+    assert "nothing was stored" in str(info.value)
+    ray.get(worker.update.remote(ref1))
