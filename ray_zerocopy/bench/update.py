@@ -62,6 +62,9 @@ class _Server:
         return int(process_memory()["pss"])
 
 
+_Remote: Any = _Server  # (ray.remote made it an ActorClass: .remote)
+
+
 def _store_bytes() -> int:
     from ray._private.internal_api import memory_summary
 
@@ -87,7 +90,7 @@ def _round(how: str, model: torch.nn.Module, spec: ModelSpec, actors: list, prev
     if how == "redeploy":
         for a in actors:
             ray.kill(a)
-        actors = [_Server.remote(how, spec, new) for _ in actors]
+        actors = [_Remote.remote(how, spec, new) for _ in actors]
         got = ray.get([a.answer.remote() for a in actors])
     else:
         got = ray.get([a.update.remote(new) for a in actors])
@@ -109,7 +112,7 @@ def run_updates(spec: ModelSpec, actors: int, repeats: int, approaches: tuple[st
     results = []
     for how in approaches:
         first = _publish(how, model, None)
-        servers = [_Server.remote(how, spec, first) for _ in range(actors)]
+        servers = [_Remote.remote(how, spec, first) for _ in range(actors)]
         ray.get([s.answer.remote() for s in servers])
         times, previous = [], first
         for i in range(repeats):
