@@ -43,8 +43,9 @@ class _Server:
         if how == "state-dict":  # a skeleton, then the state dict's tensors (a private copy of this actor)
             self.model = build_model(spec, meta=True)
             self.model.load_state_dict(ray.get(first[0]), assign=True)
-            if hasattr(self.model, "tie_weights"):
-                self.model.tie_weights()  # (assign=True unties what the skeleton tied)
+            tie = getattr(self.model, "tie_weights", None)
+            if callable(tie):
+                tie()  # (assign=True unties what the skeleton tied)
         else:
             self.model = load_model_in_actor(first)
 
