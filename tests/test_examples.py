@@ -39,3 +39,8 @@ def test_serve_example():
 def test_hf_pipeline_example():
     out = run_example("hf_pipeline_ray_data.py", "--small")
     assert re.search(r"classified 64 rows with 2 actors; labels equal to the driver's pipeline: 64/64; .* -> OK", out), out
+
+
+def test_rl_weight_updates_example():
+    out = run_example("rl_weight_updates.py", "--rollouts", "2", "--steps", "3")
+    assert re.findall(r"step (\d): trainer \S+ rollouts \[.*\] -> (\w+)", out) == [("0", "OK"), ("1", "OK"), ("2", "OK")], out
