@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from ray_zerocopy.actor import (
     ModelRef,
+    hold_weights,
     load_model_in_actor,
     load_pipeline_in_actor,
     prepare_model_for_actors,
     rewrite_pipeline_for_actors,
+    update_model_in_actor,
+    update_pipeline_in_actor,
 )
 from ray_zerocopy.backend import (
     Backend,
@@ -50,6 +53,8 @@ from ray_zerocopy.errors import (
     ShimAttributeError,
     UnknownBackendError,
     UnsupportedModelError,
+    UpdateMismatchError,
+    UpdateNotSupportedError,
     WeightsLostError,
 )
 from ray_zerocopy.hookspecs import hookimpl, hookspec
@@ -83,6 +88,8 @@ __all__ = [
     "ShimAttributeError",
     "UnknownBackendError",
     "UnsupportedModelError",
+    "UpdateMismatchError",
+    "UpdateNotSupportedError",
     "WeightsLostError",
     "__version__",
     "array_offsets",
@@ -92,6 +99,7 @@ __all__ = [
     "dtype_name",
     "hookimpl",
     "hookspec",
+    "hold_weights",
     "load_model_in_actor",
     "load_pipeline_in_actor",
     "prepare_model_for_actors",
@@ -105,6 +113,8 @@ __all__ = [
     "tensors_in_arrays",
     "tensors_in_buffer",
     "to_device",
+    "update_model_in_actor",
+    "update_pipeline_in_actor",
 ]
 
 import_builtins()  # (not lazily: a first load in a fresh actor then has nothing left to import)

@@ -222,7 +222,8 @@ class _Splitter:
         return self.add(f"<tensor {self.unnamed}>", t, isinstance(t, torch.nn.Parameter))
 
 
-def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequence[Any] = ()) -> SplitModel:
+def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequence[Any] = (),
+                with_skeleton: bool = True) -> SplitModel:
     """Split ``model`` into skeleton bytes and unique weights, without copying CPU weights.
 
     Parameters, buffers and tensors held in plain attributes (``self.table = torch.randn(...)``, or
@@ -235,6 +236,8 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequ
     meta device are kept as they are, tied by identity; the caller replaces them.
     A tensor that one of ``adapters`` (``tensor_adapters.py``) carries, a quantized one, is stored as
     its plain inner tensors (``name:key``) and rebuilt around them on load.
+    With ``with_skeleton=False`` the model is not pickled (the skeleton is empty; tensors that only pickling
+    finds, reached through other objects, are missing): the weights of a new version of a prepared model.
     """
     split = _Splitter(adapters)
     for module_name, module in model.named_modules():
@@ -254,6 +257,8 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequ
         elif (adapter := split.adapter_for(t)) is not None:
             split.add_adapted(name, t, isinstance(t, torch.nn.Parameter), adapter)
         split.names.setdefault(id(t), name)
+    if not with_skeleton:
+        return SplitModel(b"", split.weights, split.aliases, split.layouts, split.originals, split.adapted)
     modes = [(m, m.training) for m in model.modules()]
     try:  # pickle the skeleton in eval mode without calling train(): the caller's model is left as it was
         for m, _ in modes:
@@ -428,3 +433,8 @@ def cast_floating(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[
             new = new.clone()  # a view of a transport's raw device buffer would keep all of it alive
         out[name] = new
     return out
+
+
+def named_plain_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors held as plain module attributes (not parameters or buffers), by name (see ``split_model``)."""
+    return _plain_tensors(model)

@@ -288,3 +288,40 @@ class BackendArgumentError(RayZeroCopyError, TypeError):
             f"`python -m ray_zerocopy backends` lists them){' or None' if optional else ''}. Positional argument "
             f"{position} of {function} is `backend`{was}. Fix: {fix}."
         )
+
+
+class UpdateMismatchError(RayZeroCopyError, ValueError):
+    """A new version's tensors do not match the loaded model's (names, shapes, dtypes or ties); the model
+    was not changed (``update_model_in_actor`` checks every tensor before it writes any).
+
+    Attributes:
+        missing: tensors of the loaded model that the new version lacks.
+        unexpected: tensors of the new version that the loaded model lacks.
+        mismatched: ``(name, (loaded dtype, shape), (new dtype, shape))`` of tensors that differ, and
+            tensors tied in the loaded model but not in the new version (shape given as "untied").
+    """
+
+    def __init__(self, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple[str, tuple], tuple[str, tuple]]], where: str = "actor") -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        base = "the loaded model" if where == "actor" else "the previous version (like=)"
+        lines = [f"in {base} but not in the new version: {n}" for n in missing]
+        lines += [f"in the new version but not in {base}: {n}" for n in unexpected]
+        lines += [f"{n}: the loaded model has {m[0]}{list(m[1])}, the new version {c[0]}{list(c[1])}"
+                  for n, m, c in mismatched]
+        shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+        kept = "the model keeps its previous weights" if where == "actor" else "nothing was stored (prepare ran in the driver)"
+        super().__init__(
+            f"the new weights do not fit the loaded model ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} mismatched); {kept}:\n  {shown}\nFix: prepare the new version from a model of "
+            "the same class and config, in the dtype the actors loaded (or load with dtype=); a model whose "
+            "architecture changed needs a new load (load_model_in_actor) or new actors, not an update."
+        )
+
+
+class UpdateNotSupportedError(RayZeroCopyError, NotImplementedError):
+    """The loaded model cannot take a live update in this form (e.g. ``share_gpu=True``); it was not changed."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"update_model_in_actor: {problem}; the model keeps its previous weights. Fix: {fix}")

@@ -82,13 +82,14 @@ def prepare_pretrained(
     progress: bool | None = None,
     trust_remote_code: bool = False,
     gpu_copiers: bool = False,
+    like: ModelRef | None = None,
 ) -> ModelRef:
     """``prepare_model_for_actors`` for a Hugging Face folder: skeleton from the config, weights from the files.
 
     Args:
         path: the folder (``config.json`` and ``model.safetensors`` or a sharded ``model.safetensors.index.json``).
         model_class, dtype, trust_remote_code: as for :func:`build_skeleton`.
-        backend, node, progress, gpu_copiers: as for :func:`~ray_zerocopy.prepare.prepare_model_for_actors` (with ``node``,
+        backend, node, progress, gpu_copiers, like: as for :func:`~ray_zerocopy.prepare.prepare_model_for_actors` (with ``node``,
             the owner on that node reads the weights; the config is read here).
 
     Returns:
@@ -104,4 +105,4 @@ def prepare_pretrained(
     """
     skeleton = build_skeleton(path, model_class, dtype=dtype, trust_remote_code=trust_remote_code)
     return prepare_model_for_actors(skeleton, backend, checkpoint=path, node=node, progress=progress,
-                                    gpu_copiers=gpu_copiers)
+                                    gpu_copiers=gpu_copiers, like=like)

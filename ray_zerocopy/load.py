@@ -118,6 +118,7 @@ def load_model(model_ref: Any, options: LoadOptions) -> torch.nn.Module:
     try:
         ref = as_model_ref(model_ref)
         model = _load(ref, options)
+        model.__dict__["_rzc_options"] = options  # (what update_model_in_actor loads a new version with)
     except ray.exceptions.ObjectLostError as exc:  # OwnerDiedError, ReferenceCountingAssertionError, ...
         raise WeightsLostError(exc) from exc
     return model if ref.member is None else member_of(model, ref.member)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from ray_zerocopy._store import store_weights
-from ray_zerocopy._tensors import SplitModel, split_model
-from ray_zerocopy.errors import NotAModuleError
+from ray_zerocopy._tensors import SplitModel, split_model, weight_kinds
+from ray_zerocopy.errors import NotAModuleError, UpdateMismatchError
 from ray_zerocopy.model_ref import ModelRef, object_refs
 from ray_zerocopy.plugins import DEFAULT_BACKEND, backend_infos, check_backend_arg, get_backend, tensor_adapters
 
@@ -21,6 +22,7 @@ def prepare_model_for_actors(
     node: str | None = None,
     progress: bool | None = None,
     gpu_copiers: bool = False,
+    like: ModelRef | None = None,
 ) -> ModelRef:
     """Put a model's weights into Ray's object store once; return a small ref to pass to actors.
 
@@ -61,6 +63,7 @@ def prepare_model_for_actors(
         CheckpointError: ``checkpoint`` is not a safetensors file or Hugging Face folder.
         CheckpointMismatchError: the checkpoint's tensors do not match the model's (each one named).
         PrepareNodeError: ``node`` is not an alive node, or is given without ``checkpoint``.
+        UpdateMismatchError: with ``like``, the weights' names differ from that version's (each one named).
 
     Example:
         >>> ref = prepare_model_for_actors(torch.nn.Linear(4, 2))  # doctest: +SKIP
@@ -68,18 +71,20 @@ def prepare_model_for_actors(
         ...     skeleton = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
         >>> ref = prepare_model_for_actors(skeleton, checkpoint="llama/")  # doctest: +SKIP
     """
-    return prepare_split(model, backend, checkpoint, node, progress, gpu_copiers)[0]
+    return prepare_split(model, backend, checkpoint, node, progress, gpu_copiers, like)[0]
 
 
 def prepare_split(model: torch.nn.Module, backend: str, checkpoint: str | os.PathLike | None = None, node: str | None = None,
-                  progress: bool | None = None, gpu_copiers: bool = False) -> tuple[ModelRef, SplitModel]:
+                  progress: bool | None = None, gpu_copiers: bool = False,
+                  like: ModelRef | None = None) -> tuple[ModelRef, SplitModel]:
     """:func:`prepare_model_for_actors`, and the split it stored (the tensors' names and shapes, for task shims)."""
     if not isinstance(model, torch.nn.Module):
         raise NotAModuleError(model)
     check_backend_arg(backend, "prepare_model_for_actors", 2)
     backend_infos()  # discover every plugin here, in the driver: one that clashes with a built-in fails now
     chosen = get_backend(backend)
-    split = split_model(model, allow_meta=checkpoint is not None, adapters=tensor_adapters())
+    split = split_model(model, allow_meta=checkpoint is not None, adapters=tensor_adapters()) if like is None else (
+        _split_like(model, like, checkpoint is not None))
     stored = store_weights(chosen, split, checkpoint, node, progress)
     nbytes = sum(t.nbytes for t in split.weights.values())
     ref = ModelRef(split.skeleton, stored.payload, chosen.name, chosen.format_version, nbytes, stored.layouts,
@@ -89,3 +94,17 @@ def prepare_split(model: torch.nn.Module, backend: str, checkpoint: str | os.Pat
 
         start_copiers(ref)
     return ref, split
+
+
+def _split_like(model: torch.nn.Module, base: ModelRef, allow_meta: bool) -> SplitModel:
+    """The weights of ``model`` with the skeleton of ``base``, a previous version of it (names checked)."""
+    names = {name for name, _ in weight_kinds(base.skeleton)}
+    split = split_model(model, allow_meta, adapters=tensor_adapters(), with_skeleton=False)
+    if set(split.weights) == names:
+        return dataclasses.replace(split, skeleton=base.skeleton)
+    split = split_model(model, allow_meta, adapters=tensor_adapters())  # (tensors that only pickling finds)
+    if set(split.weights) == names:
+        return dataclasses.replace(split, skeleton=base.skeleton)
+    if split.adapted:  # (adapted tensors are stored under their inner names: the actor compares them)
+        return split
+    raise UpdateMismatchError(sorted(names - set(split.weights)), sorted(set(split.weights) - names), [], where="driver")

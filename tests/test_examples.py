@@ -51,3 +51,8 @@ def test_serve_lora_adapters_example():
     out = run_example("serve_lora_adapters.py", "--small")
     assert len(re.findall(r"2 replicas: logits equal to the driver's base \+ adapter: True; base weights shared "
                           r"\(zero-copy\): True -> OK", out)) == 2, out
+
+
+def test_rl_weight_updates_example():
+    out = run_example("rl_weight_updates.py", "--rollouts", "2", "--steps", "3")
+    assert re.findall(r"step (\d): trainer \S+ rollouts \[.*\] -> (\w+)", out) == [("0", "OK"), ("1", "OK"), ("2", "OK")], out

@@ -363,6 +363,15 @@ def main(argv: list[str]) -> int:
         return 2
     if opts.args.child_workdir:
         return _child_main(opts)
+    if opts.args.update:
+        from ray_zerocopy.bench.update import format_updates, run_updates
+
+        model_bytes, updates = run_updates(opts.spec, opts.actors, opts.repeats, progress=progress)
+        print(format_updates(updates, model_bytes, opts.actors))
+        if opts.args.json_path:
+            with open(opts.args.json_path, "w") as f:
+                json.dump({"model_bytes": model_bytes, "actors": opts.actors, "updates": updates}, f, indent=1)
+        return 0
     meta, results = run(opts)
     print(format_table(meta, results))
     if opts.args.json_path:

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="store_true",
                    help="also prepare ours from a checkpoint folder (the model saved with save_pretrained, sharded): "
                         "adds rzc-ckpt:<backend> per backend, and from_pretrained_put (from_pretrained + ray.put)")
+    p.add_argument("--update", action="store_true",
+                   help="measure an update round instead of loads: every actor takes a new version (ours: "
+                        "update_model_in_actor; state-dict: ray.put + load_state_dict; redeploy: new actors), "
+                        "--repeats rounds each (see bench/update.py)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--png", dest="png_path", help="draw the chart (PNG) here")
     p.add_argument("--child-workdir", help=argparse.SUPPRESS)  # internal: the second driver for ray_native
