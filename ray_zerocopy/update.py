@@ -27,6 +27,7 @@ from ray_zerocopy.errors import UpdateMismatchError, UpdateNotSupportedError
 from ray_zerocopy.load import LoadOptions, load_model
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.pipeline import model_attrs
+from ray_zerocopy.plugins import tensor_adapters
 
 Pair = tuple[str, torch.Tensor, torch.Tensor]  # (name, the live model's tensor object, the new version's tensor)
 
@@ -137,10 +138,28 @@ def _load_new(new_ref: Any, options: LoadOptions) -> torch.nn.Module:
 
 
 def _named(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor object of a model under every name: parameters, buffers, plain tensor attributes."""
+    """Every tensor object of a model under every name: parameters, buffers, plain tensor attributes; an
+    adapted (quantized) tensor also as its inner tensors (see :func:`_with_inner`)."""
+    adapters = tensor_adapters()
     for name, t, _ in named_tensors(model):  # (remove_duplicate=False: a tied tensor under each of its names)
+        yield from _with_inner(name, t, adapters)
+    for name, t in named_plain_tensors(model):
+        yield from _with_inner(name, t, adapters)
+
+
+def _with_inner(name: str, t: torch.Tensor, adapters: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``t``, and the inner tensors an adapter stores it as (``name:key``), recursively. A wrapper subclass
+    (torchao, optimum-quanto) holds no bytes of its own: only its inner tensors take the new data. A
+    Parameter subclass with extra tensors (bitsandbytes) takes new data itself, and so do its extra tensors."""
+    adapter = next((a for a in adapters if a.handles(t)), None) if type(t) not in _PLAIN else None
+    if adapter is None or not hasattr(type(t), "__tensor_flatten__"):
         yield name, t
-    yield from named_plain_tensors(model)
+    if adapter is not None:
+        for key, inner in adapter.flatten(t)[0].items():
+            yield from _with_inner(f"{name}:{key}", inner, adapters)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _spec(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:

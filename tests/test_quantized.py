@@ -245,3 +245,38 @@ def _shared(t: torch.Tensor) -> bool:
     from ray_zerocopy.testing import merged_mappings
 
     return any(lo <= t.data_ptr() < hi for lo, hi in merged_mappings(STORE_MARKER))
+
+
+@pytest.mark.parametrize("recipe", ["torchao-int8-weight-only", "quanto-qint4", "hf-bnb-nf4", "hf-bnb-8bit"])
+def test_update_of_a_quantized_model_in_place(ray_local, recipe):
+    """A new quantized version moves into the live model: the same parameter objects, the new outputs."""
+    from ray_zerocopy import update_model_in_actor
+
+    old, old_logits = _built(recipe)
+    new = RECIPES[recipe][0]()  # the same recipe on other float weights
+    with torch.no_grad():
+        for p in new.parameters():
+            if p.dtype.is_floating_point and type(p) in (torch.Tensor, torch.nn.Parameter):
+                p.mul_(1.5)
+        new_logits = new(IDS).logits
+    assert not torch.equal(new_logits, old_logits)
+
+    @ray.remote(num_cpus=0.5)
+    class Live:
+        def __init__(self, ref):
+            self.model = load_model_in_actor(ref)
+            self.ids = [id(p) for p in self.model.parameters()]
+
+        def update(self, ref):
+            update_model_in_actor(self.model, ref)
+            return [id(p) for p in self.model.parameters()] == self.ids, tensors_outside_shared_memory(self.model)
+
+        def run(self, ids):
+            with torch.no_grad():
+                return self.model(ids).logits
+
+    live = Live.remote(prepare_model_for_actors(old))
+    assert torch.equal(ray.get(live.run.remote(IDS)), old_logits)
+    same_objects, outside = ray.get(live.update.remote(prepare_model_for_actors(new)))
+    assert same_objects and outside == []
+    assert torch.equal(ray.get(live.run.remote(IDS)), new_logits)
