@@ -9,11 +9,12 @@ import sys
 def _list_backends() -> int:
     import warnings
 
-    from ray_zerocopy.plugins import DISABLE_AUTOLOAD_ENV, PluginLoadWarning, backend_infos, broken_plugins
+    from ray_zerocopy.plugins import DISABLE_AUTOLOAD_ENV, PluginLoadWarning, backend_infos, broken_plugins, tensor_adapters
 
     with warnings.catch_warnings():  # listed below instead
         warnings.simplefilter("ignore", PluginLoadWarning)
         infos = backend_infos()
+        adapters = [a.name for a in tensor_adapters()]
         broken = broken_plugins()
     rows = [("backend", "plugin", "distribution")] + [(i.name, i.plugin, i.distribution) for i in infos.values()]
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
@@ -24,6 +25,7 @@ def _list_backends() -> int:
         for b in broken:
             where = f" (entry point {b.plugin} = {b.target})" if b.target else ""
             print(f"  BROKEN  {b.plugin}  {b.distribution}{where}: {b.error}")
+    print(f"\ntensor adapters (quantized weights), tried in this order: {', '.join(adapters)}")
     print(f"\n{len(infos)} backend(s); set {DISABLE_AUTOLOAD_ENV}=1 to skip third-party entry points.")
     return 0
 
