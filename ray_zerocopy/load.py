@@ -277,6 +277,9 @@ def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, t
     own = [t.data for _, t in shared]
     for name, t in shared:
         t.data = mapped[name]  # (the same bytes; the Parameter object and its version counter stay)
+    for name, p in alive.named_parameters():  # a Parameter subclass stored by an adapter as its bytes under
+        if f"{name}:data" in mapped:          # "data" (bitsandbytes) is a tensor object of its own: move it too
+            p.data = mapped[f"{name}:data"]
     torch.cuda.synchronize(attach.device)  # work queued on the model's own copy ends before it is freed
     del own
     torch.cuda.empty_cache()  # (else the freed copy stays reserved by this process's allocator)

@@ -31,7 +31,9 @@ class TensorAdapter:
     ``flatten`` runs in the driver, ``unflatten`` in the actor (so the adapter must be installed there:
     the skeleton names ``unflatten`` by import path). ``unflatten`` gets the inner tensors on the load
     device, as views of shared memory on a CPU: it must wrap them, never copy or write them.
-    ``ray_zerocopy.testing.check_tensor_adapter`` checks an adapter end to end.
+    ``ray_zerocopy.testing.check_tensor_adapter`` checks an adapter end to end. A Parameter subclass with
+    bytes of its own (not a wrapper subclass) returns them under the key ``"data"``: with ``share_gpu`` a
+    model moved onto the GPU's shared copy moves that parameter's bytes too.
     """
 
     name: ClassVar[str]
