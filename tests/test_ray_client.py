@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-
 from conftest import RAY_INIT, start_local_ray
+
 from ray_zerocopy.actor import load_model_in_actor, prepare_model_for_actors
 from ray_zerocopy.testing import zoo_input, zoo_model
 
