@@ -1,7 +1,10 @@
 """The ``safetensors`` transport: all weights as one safetensors-format blob in the object store.
 
-The blob is byte-for-byte what ``safetensors.torch.save`` writes for the same tensors, so
-any safetensors reader can read it; it travels as one uint8 numpy array (out of band,
+The blob is a valid safetensors file that any safetensors reader can read; unlike what
+``safetensors.torch.save`` writes, its header is padded with spaces and small zero ``U8`` tensors
+(named ``__ray_zerocopy_pad__.<n>``, dropped by this transport's reader) sit between tensors, so
+that every tensor starts 64-byte aligned, as in the driver's memory: CPU kernels round differently
+for misaligned operands, and the actor's outputs would differ from the driver's. It travels as one uint8 numpy array (out of band,
 zero-copy). The driver never assembles the blob: it is written into the object store from the
 header and views of the tensors (``put_joined``), with no copy of the weights in the driver. The
 actor parses and validates the header itself and slices views out of the shared buffer; for a GPU
@@ -20,6 +23,7 @@ import ray
 import torch
 
 from ray_zerocopy.backend import (
+    ALIGN,
     Backend,
     buffer_to_device,
     hookimpl,
@@ -42,6 +46,7 @@ DTYPES: dict[str, torch.dtype] = {
 _NAME_OF = {dtype: name for name, dtype in DTYPES.items()}
 _RANK = {name: rank for rank, name in enumerate(DTYPES)}
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+PAD = "__ray_zerocopy_pad__."  # prefix of the padding tensors that align the next tensor (dropped on read)
 Entry = tuple[str, torch.dtype, tuple[int, ...], int, int]  # name, dtype, shape, begin, end (data offsets)
 
 
@@ -52,26 +57,39 @@ class SafetensorsPayload:
 
 
 def _header(weights: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor, int]]]:
-    """The padded JSON header exactly as safetensors writes it, and (name, tensor, data offset) in order."""
+    """The JSON header padded with spaces to end on a 64-byte boundary, and (name, tensor, data offset) in
+    order, with zero ``U8`` padding tensors (named ``PAD...``) where needed so that every tensor starts at a
+    multiple of 64 bytes: CPU kernels round differently for operands that are not 16-byte aligned, and the
+    driver's tensors are 64-byte aligned (the format allows no holes between tensors, hence named padding)."""
     if "__metadata__" in weights:  # the format reserves this key for free-form text
         raise UnsupportedModelError("", "a tensor is named '__metadata__'", "rename it, or use backend='packed'")
     for name, t in weights.items():
+        if name.startswith(PAD):
+            raise UnsupportedModelError(name.rpartition(".")[0], f"tensor {name!r} begins with {PAD!r}, which names "
+                                        "this transport's padding", "rename it, or use backend='packed'")
         if t.dtype not in _NAME_OF:
             raise UnsupportedModelError(
                 name.rpartition(".")[0], f"tensor {name!r} has dtype {t.dtype}, which the safetensors format lacks",
                 "use backend='packed' or 'object_store', or convert the tensor to a dtype safetensors knows",
             )
     order = sorted(weights, key=lambda k: (-_RANK[_NAME_OF[weights[k].dtype]], k))
-    parts, placed, offset = [], [], 0
+    parts: list[str] = []
+    placed: list[tuple[str, torch.Tensor, int]] = []
+    offset = 0
     for name in order:
         t = weights[name]
-        shape = ",".join(str(d) for d in t.shape)
-        entry = f'"dtype":"{_NAME_OF[t.dtype]}","shape":[{shape}],"data_offsets":[{offset},{offset + t.nbytes}]'
-        parts.append(f"{json.dumps(name, ensure_ascii=False)}:{{{entry}}}")  # same escapes as serde_json
+        if offset % ALIGN and t.nbytes:
+            pad = torch.zeros(-offset % ALIGN, dtype=torch.uint8)
+            placed.append((f"{PAD}{len(placed)}", pad, offset))
+            offset += pad.nbytes
         placed.append((name, t, offset))
         offset += t.nbytes
+    for name, t, begin in placed:
+        shape = ",".join(str(d) for d in t.shape)
+        entry = f'"dtype":"{_NAME_OF[t.dtype]}","shape":[{shape}],"data_offsets":[{begin},{begin + t.nbytes}]'
+        parts.append(f"{json.dumps(name, ensure_ascii=False)}:{{{entry}}}")  # same escapes as serde_json
     header = ("{" + ",".join(parts) + "}").encode()
-    return header + b" " * (-len(header) % 8), placed  # padded so the data section is 8-byte aligned
+    return header + b" " * (-(8 + len(header)) % ALIGN), placed  # the data section starts 64-byte aligned
 
 
 def write_blob(weights: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -179,7 +197,7 @@ def _parse_header(raw: bytes, size: int) -> tuple[int, tuple[Entry, ...]]:
         expected = end
     if expected != data_len:
         raise PayloadError(None, f"tensors cover {expected} bytes but the data section holds {data_len}")
-    return data_start, entries
+    return data_start, tuple(e for e in entries if not e[0].startswith(PAD))
 
 
 def views(base: torch.Tensor, data_start: int, entries: tuple[Entry, ...]) -> dict[str, torch.Tensor]:

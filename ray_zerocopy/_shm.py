@@ -142,6 +142,17 @@ class _PrivateMap(mmap.mmap):
     keep: Any
 
 
+def aligned_copy(addr: int, nbytes: int, align: int = 64) -> tuple[bytearray, int]:
+    """A private copy of the ``nbytes`` at ``addr``, and where they start in it: at the same address modulo
+    ``align`` as the original (a bytearray itself is only 16-byte aligned, and CPU kernels round differently
+    for operands at other alignments: a copy must not change a model's outputs)."""
+    buf = bytearray(nbytes + align)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    skip = (addr - base) % align
+    ctypes.memmove(base + skip, addr, nbytes)
+    return buf, skip
+
+
 def private_buffer(lo: int, nbytes: int, keep: object, marker: str = STORE_MARKER) -> tuple[Any, int] | None:
     """A writable buffer private to this load over the ``nbytes`` at address ``lo``, and where ``lo`` is in it.
 
@@ -181,7 +192,7 @@ def private_buffer(lo: int, nbytes: int, keep: object, marker: str = STORE_MARKE
     except (OSError, ValueError) as exc:
         warn_once(f"cannot map shared weights copy-on-write here ({exc}); every load takes a "
                   "private copy of them instead (correct, but not shared)")
-        return bytearray(ctypes.string_at(lo, nbytes)), 0
+        return aligned_copy(lo, nbytes)
     buf.keep = keep
     return buf, skip
 

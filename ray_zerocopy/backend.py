@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from ray_zerocopy._shm import STORE_MARKER, PrivateViews, private_buffer
+from ray_zerocopy._shm import STORE_MARKER, PrivateViews, aligned_copy, private_buffer
 from ray_zerocopy._stream import ALIGN, put_joined
 from ray_zerocopy.hookspecs import hookimpl
 
@@ -235,7 +235,7 @@ def _views(
     instead of one per tensor (half the time for bert-base's 199 tensors: 0.21 against 0.39 ms).
     """
     found = private_buffer(addr, nbytes, keep, marker) if nbytes else None
-    buf, skip = found if found is not None else (bytearray(ctypes.string_at(addr, nbytes)), 0)
+    buf, skip = found if found is not None else aligned_copy(addr, nbytes)
     out = PrivateViews()
     entries = list(entries)
     for dtype, run in _runs(entries):

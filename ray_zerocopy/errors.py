@@ -152,8 +152,11 @@ class WeightsLostError(RayZeroCopyError, RuntimeError):
     """The shared weights are gone from the cluster (their owner died, or the object was lost or evicted),
     or cannot be found from here (a ModelRef pickled outside Ray: ``object_ref`` names the ObjectRef)."""
 
-    def __init__(self, cause: BaseException, object_ref: object = None) -> None:
+    def __init__(self, cause: BaseException, object_ref: object = None, session: tuple[str, str] | None = None) -> None:
         self.cause, self.object_ref = cause, object_ref
+        if session is not None:
+            Exception.__init__(self, str(cause))
+            return
         if object_ref is not None:
             Exception.__init__(self, _untracked_message(object_ref))
             return
@@ -256,6 +259,60 @@ class ShimAttributeError(RayZeroCopyError, AttributeError):
     def __init__(self, attribute: str, model_type: str, problem: str, fix: str) -> None:
         self.attribute, self.model_type, self.problem, self.fix = attribute, model_type, problem, fix
         super().__init__(f"{model_type}.{attribute} read through a rewrite_pipeline shim: {problem}. Fix: {fix}")
+
+
+class OtherSessionError(RayZeroCopyError, RuntimeError):
+    """A ModelRef was prepared in another Ray session than the one this process is connected to (the cause
+    of the :class:`WeightsLostError` raised when it is passed to an actor or loaded)."""
+
+    def __init__(self, prepared_in: str, here: str) -> None:
+        self.prepared_in, self.here = prepared_in, here
+        super().__init__(
+            f"the model's weights cannot be loaded here: this ModelRef was prepared in Ray session {prepared_in!r}, "
+            f"but this process is connected to Ray session {here!r}. Objects of a session end with it (ray.shutdown(), "
+            "a restarted cluster), and are unknown to another Ray (a process that started its own, e.g. under the "
+            "'spawn' start method). Fix: call prepare_model_for_actors (or rewrite_pipeline_for_actors) again in "
+            "this session, and pass that ModelRef to the actors."
+        )
+
+
+class PipelineRefsError(RayZeroCopyError, ValueError):
+    """``load_pipeline_in_actor`` was given model refs that do not match the pipeline skeleton."""
+
+    def __init__(self, expected: list[str], given: object, problem: str) -> None:
+        self.expected, self.given, self.problem = expected, given, problem
+        super().__init__(
+            f"load_pipeline_in_actor: {problem}. The skeleton's models: {expected}; given: {given!r:.300}. Fix: pass "
+            "the {attribute name: ModelRef} dict that rewrite_pipeline_for_actors returned with this skeleton, unchanged."
+        )
+
+
+class PipelineRefsTypeError(PipelineRefsError, TypeError):
+    """``load_pipeline_in_actor`` was given something other than a dict of ModelRefs (a list, a ModelRef, ...)."""
+
+
+class UnexpectedArgumentError(RayZeroCopyError, TypeError):
+    """A keyword argument this function does not take (often one of the original ray_zerocopy's)."""
+
+    def __init__(self, function: str, argument: str, value: object, fix: str) -> None:
+        self.function, self.argument, self.value = function, argument, value
+        super().__init__(f"{function}() does not take {argument}={value!r}. Fix: {fix}")
+
+
+class SkeletonLoadError(RayZeroCopyError):
+    """The model's skeleton cannot be unpickled where the load runs (base of the two cases below)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"the model's skeleton cannot be unpickled here: {problem}. Fix: {fix}")
+
+
+class SkeletonImportError(SkeletonLoadError, ImportError):
+    """A class of the model (or of something it holds) is importable in the driver but not where the load runs."""
+
+
+class SkeletonDamagedError(SkeletonLoadError, ValueError):
+    """The skeleton's bytes are truncated or damaged (a ModelRef built or changed by hand)."""
 
 
 def _untracked_message(object_ref: object) -> str:

@@ -203,7 +203,9 @@ def _serve_deployment() -> tuple[str, str] | None:
 
 def pickled_out_of_band() -> bool:
     """True while something outside Ray's serialization (plain ``cloudpickle.dumps``) is pickling."""
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.util.client.ray.is_connected():
+        # (Ray Client pickles call arguments with its own pickler, which carries the ObjectRefs to the server:
+        # a keeper started from inside that pickling would wait on the client itself, for ever)
         return False
     context = ray._private.worker.global_worker.get_serialization_context()
     return not context.is_in_band_serialization()

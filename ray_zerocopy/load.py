@@ -9,6 +9,7 @@ copy on a GPU), or map the device copy a GPU shares (``gpu_share.py``), then reb
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import weakref
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ray_zerocopy.errors import (
     DeviceError,
     FormatVersionError,
     LoadDtypeError,
+    SkeletonDamagedError,
+    SkeletonImportError,
     WeightsLostError,
 )
 from ray_zerocopy.guard import guard_model
@@ -152,7 +155,24 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
         elif dev.type == "cpu":
             tensors = private_views(tensors, chosen.shared_memory_marker)  # (a write stays in this load)
         with _cuda.finished_before_torch_calls():
-            return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load)
+            return _rebuild(ref, tensors, options)
+
+
+def _rebuild(ref: ModelRef, tensors: dict, options: LoadOptions) -> torch.nn.Module:
+    """:func:`rebuild_model`, with the skeleton's unpickling errors typed (they are raw pickle errors there)."""
+    try:
+        return rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load)
+    except ModuleNotFoundError as exc:
+        raise SkeletonImportError(
+            f"module {exc.name!r}, which defines a class the model uses, is not importable in this process "
+            f"(it is in the driver: {exc})",
+            f"make it importable where actors run: ray.init(runtime_env={{'py_modules': [<the module {exc.name!r} "
+            "or its package folder>]}) or runtime_env={'working_dir': '.'} for a local file, or install its "
+            "package on every node") from exc
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise SkeletonDamagedError(
+            f"{len(ref.skeleton)} bytes that are not a whole pickle ({type(exc).__name__}: {exc})",
+            "pass the ModelRef that prepare_model_for_actors returned, unchanged; or prepare the model again") from exc
 
 
 class _ViaRoot:

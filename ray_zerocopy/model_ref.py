@@ -18,7 +18,7 @@ import torch
 
 from ray_zerocopy import keeper
 from ray_zerocopy.backend import Payload
-from ray_zerocopy.errors import InvalidModelRefError, WeightsLostError
+from ray_zerocopy.errors import InvalidModelRefError, OtherSessionError, WeightsLostError
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class ModelRef:
             (``gpu_copier.py``).
         member: for models of one pipeline that share submodules, prepared together as one
             ``ModuleList``: the index of this model in it (``None`` for a model prepared alone).
+        pipeline_attrs: for a model of a pipeline, the names of every model attribute prepared with it by
+            ``rewrite_pipeline_for_actors`` (``load_pipeline_in_actor`` checks the refs it is given against them).
+        session: the Ray session the weights were put in (a ref from an ended session, or from another
+            Ray, cannot be loaded: its objects' owner is unknown there).
     """
 
     skeleton: bytes = field(repr=False)
@@ -54,8 +58,11 @@ class ModelRef:
     object_refs: tuple[ray.ObjectRef, ...] = field(default=(), repr=False)
     member: int | None = None
     gpu_copiers: bool = False
+    pipeline_attrs: tuple[str, ...] = ()
+    session: str | None = field(default_factory=lambda: current_session(), compare=False)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
+        check_session(self)  # (in the driver, before an actor is started with a ref it cannot load)
         # Pickled outside Ray (Serve's .bind arguments), its ObjectRefs would be pinned for the rest of the
         # pickling process's life: travel by name instead, the keeper holds the refs (see keeper.py).
         if keeper.pickled_out_of_band():
@@ -98,6 +105,23 @@ def _attr_names(obj: object) -> list[str]:
     return [n for n in names if not n.startswith("__")]
 
 
+def current_session() -> str | None:
+    """The name of the Ray session this process is connected to (None where Ray is not started here)."""
+    node = getattr(ray._private.worker, "_global_node", None)  # (the same session name in the driver and its workers)
+    return getattr(node, "session_name", None) if ray.is_initialized() else None
+
+
+def check_session(ref: ModelRef) -> None:
+    """Raise WeightsLostError for a ref prepared in another Ray session than this process's.
+
+    Raises:
+        WeightsLostError: with :class:`~ray_zerocopy.errors.OtherSessionError` as its cause.
+    """
+    here = current_session()
+    if ref.session is not None and here is not None and ref.session != here:
+        raise WeightsLostError(OtherSessionError(ref.session, here), session=(ref.session, here))
+
+
 def check_tracked(refs: Sequence[ray.ObjectRef]) -> None:
     """Raise WeightsLostError for an ObjectRef whose owner this process does not know: it was unpickled
     outside Ray (plain pickle), so Ray does not track it and ``ray.get`` would wait forever, freed or not.
@@ -125,5 +149,6 @@ def as_model_ref(model_ref: Any) -> ModelRef:
         model_ref = ray.get(model_ref)
     if not isinstance(model_ref, ModelRef):
         raise InvalidModelRefError(model_ref)
+    check_session(model_ref)
     check_tracked(model_ref.object_refs)
     return model_ref

@@ -15,7 +15,13 @@ import ray
 import torch
 
 from ray_zerocopy._tensors import flat_tensors
-from ray_zerocopy.errors import NoModelsError, NotAModuleError
+from ray_zerocopy.errors import (
+    NoModelsError,
+    NotAModuleError,
+    PipelineRefsError,
+    PipelineRefsTypeError,
+    UnexpectedArgumentError,
+)
 from ray_zerocopy.load import LoadOptions, load_model, member_of
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.plugins import DEFAULT_BACKEND, check_backend_arg, tensor_adapters
@@ -71,9 +77,12 @@ def shallow_copy(obj: Any) -> Any:
 
 
 def set_attr(obj: Any, name: str, value: Any) -> None:
-    """setattr that also lets a Module-pipeline hold a non-Module (None, a shim) where a model was."""
+    """setattr that also lets a Module-pipeline hold a non-Module (None, a shim) where a model was, and
+    sets the field of a frozen dataclass (on our own shallow copy, as its ``__init__`` does)."""
     if isinstance(obj, torch.nn.Module) and name in obj._modules:
         del obj._modules[name]
+        object.__setattr__(obj, name, value)
+    elif getattr(getattr(type(obj), "__dataclass_params__", None), "frozen", False):
         object.__setattr__(obj, name, value)
     else:
         setattr(obj, name, value)
@@ -81,7 +90,7 @@ def set_attr(obj: Any, name: str, value: Any) -> None:
 
 def rewrite_pipeline_for_actors(
     pipeline: Any, model_attr_names: Sequence[str] | None = None, backend: str = DEFAULT_BACKEND, *,
-    gpu_copiers: bool = False,
+    gpu_copiers: bool = False, device: Any = None,
 ) -> tuple[Any, dict[str, ModelRef]]:
     """Prepare every model held as an attribute of ``pipeline`` (several models in one object).
 
@@ -90,6 +99,7 @@ def rewrite_pipeline_for_actors(
         model_attr_names: which attributes are models; default: every ``nn.Module`` attribute.
         backend: weight transport for all the models.
         gpu_copiers: as for :func:`~ray_zerocopy.prepare.prepare_model_for_actors`, for every model.
+        device: not taken (the original ray_zerocopy's keyword): a pipeline is prepared on no device.
 
     Returns:
         ``(skeleton, model_refs)``: a shallow copy of the pipeline with those attributes set to
@@ -101,11 +111,16 @@ def rewrite_pipeline_for_actors(
         NoModelsError: the pipeline holds no model.
         NotAModuleError: a named attribute is not a model.
         BackendArgumentError: ``backend`` is not a backend name (e.g. the original's positional ``device``).
+        UnexpectedArgumentError: ``device=`` was given.
 
     Example:
         >>> skeleton, refs = rewrite_pipeline_for_actors(pipe)  # doctest: +SKIP
         >>> pipe = load_pipeline_in_actor(skeleton, refs, device="cuda")  # doctest: +SKIP
     """
+    if device is not None:
+        raise UnexpectedArgumentError(
+            "rewrite_pipeline_for_actors", "device", device, "leave it out here (the weights go to Ray's object store, "
+            f"on no device) and load with load_pipeline_in_actor(skeleton, refs, device={str(device)!r}) in the actor")
     check_backend_arg(backend, "rewrite_pipeline_for_actors", 3, "device")
     names = model_attrs(pipeline, model_attr_names)
     models = {id(m): m for m in (getattr(pipeline, name) for name in names)}  # a model held twice: once
@@ -113,7 +128,7 @@ def rewrite_pipeline_for_actors(
         by_id = dict(zip(models, prepare_together(list(models.values()), backend, gpu_copiers)))
     else:
         by_id = {key: prepare_model_for_actors(m, backend=backend, gpu_copiers=gpu_copiers) for key, m in models.items()}
-    refs = {name: by_id[id(getattr(pipeline, name))] for name in names}
+    refs = {name: dataclasses.replace(by_id[id(getattr(pipeline, name))], pipeline_attrs=tuple(names)) for name in names}
     skeleton = shallow_copy(pipeline)
     for name in names:
         set_attr(skeleton, name, None)
@@ -164,6 +179,9 @@ def load_pipeline_in_actor(
     Returns:
         A shallow copy of the skeleton with every model loaded (shared models loaded once).
 
+    Raises:
+        PipelineRefsError: the refs do not match the skeleton (names missing, unknown to it, or not ModelRefs).
+
     Example:
         >>> pipe = load_pipeline_in_actor(skeleton, refs)  # doctest: +SKIP
     """
@@ -172,6 +190,7 @@ def load_pipeline_in_actor(
     if isinstance(skeleton, ray.ObjectRef):
         skeleton = ray.get(skeleton)
     refs: Mapping[str, ModelRef] = ray.get(model_refs) if isinstance(model_refs, ray.ObjectRef) else model_refs
+    refs = _checked_refs(skeleton, refs)
     pipeline = shallow_copy(skeleton)
     loaded: dict[str, torch.nn.Module] = {}  # by ModelRef.uid: models prepared together load together
     for name, given in refs.items():
@@ -181,3 +200,33 @@ def load_pipeline_in_actor(
         model = loaded[ref.uid]
         set_attr(pipeline, name, model if ref.member is None else member_of(model, ref.member))
     return pipeline
+
+
+_ABSENT = object()
+
+
+def _checked_refs(skeleton: Any, refs: Any) -> dict[str, ModelRef]:
+    """``refs`` as ModelRefs by name, checked against the skeleton: each name a ``None`` attribute of it, and
+    exactly the names prepared together (a model attribute left out would stay ``None`` without a word).
+
+    Raises:
+        PipelineRefsTypeError: ``refs`` is not a mapping of names to ModelRefs.
+        PipelineRefsError: names are missing or unknown.
+    """
+    if not isinstance(refs, Mapping):
+        raise PipelineRefsTypeError(["?"], refs, f"model_refs must be a dict {{attribute name: ModelRef}}, got a "
+                                    f"{type(refs).__qualname__}")
+    if not refs:
+        raise PipelineRefsError([], refs, "no model refs given (rewrite_pipeline_for_actors prepares one at least)")
+    wrong = {k: type(v).__qualname__ for k, v in refs.items()
+             if not isinstance(k, str) or not isinstance(v, (ModelRef, ray.ObjectRef))}
+    out = {name: as_model_ref(given) for name, given in refs.items() if name not in wrong}
+    expected = sorted({n for ref in out.values() for n in ref.pipeline_attrs}
+                      or {n for n in out if getattr(skeleton, n, _ABSENT) is None})
+    missing = [n for n in expected if n not in refs]
+    unknown = sorted(str(n) for n in refs if n not in expected or getattr(skeleton, n, _ABSENT) is not None)
+    if wrong:
+        raise PipelineRefsTypeError(expected, refs, f"values that are not ModelRefs: {wrong}")
+    if missing or unknown:
+        raise PipelineRefsError(expected, refs, f"missing {missing}, unknown to the skeleton {unknown}")
+    return out

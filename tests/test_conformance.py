@@ -75,6 +75,20 @@ class FlipsABit(ObjectStoreBackend):
         return out
 
 
+class Misaligns(ObjectStoreBackend):
+    """Copies each tensor 8 bytes past a 64-byte boundary (what the safetensors blob did before it was padded)."""
+    name = "kit_misaligns"
+    zero_copy = False
+
+    def get(self, payload, device):
+        out = {}
+        for k, t in super().get(payload, device).items():
+            raw = torch.empty(t.nbytes + 8, dtype=torch.uint8)[8:]
+            raw.copy_(t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8))
+            out[k] = raw.view(t.dtype).view(t.shape) if t.numel() else t
+        return out
+
+
 class AcceptsGarbage(ObjectStoreBackend):
     name = "kit_accepts"
 
@@ -111,6 +125,7 @@ class PackedUnderAnotherName(PackedBackend):
     (WritesItsInput, "put\\(\\) changed its input tensor 'matrix'"),
     (FlipsABit, "differs"),
     (AcceptsGarbage, "returned a dict instead of raising"),
+    (Misaligns, "not 64-byte aligned \\('bfloat16' at 8 mod 64"),
 ])
 def test_kit_reports_wrong_results(ray_local, cls, words):
     with pytest.raises(AssertionError, match=words) as info:

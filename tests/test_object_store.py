@@ -26,7 +26,8 @@ def _load_report(payload):
     maps = shared_mappings("plasma", writable=True)
     return {
         "bits": {k: (t.dtype, tuple(t.shape), bits(t)) for k, t in tensors.items()},
-        "offsets_here": array_offsets({k: a for k, a in ray.get(payload.ref).items() if a.nbytes}),
+        "offsets_here": array_offsets({k: a for k, a in object_store._unglue(ray.get(payload.ref), payload.small,
+                                                                              payload.specs).items() if a.nbytes}),
         "in_rays_mapping": [k for k, t in tensors.items() if t.nbytes and any(lo <= t.data_ptr() < hi for lo, hi, _ in maps)],
     }
 

@@ -32,9 +32,9 @@ import numpy as np
 import ray
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ray_zerocopy import Backend, PayloadError, buffer_to_device, hookimpl, quiet_readonly
+from ray_zerocopy.backends.safetensors_blob import PAD, write_blob
 
 DIR_ENV = "RZC_SAFETENSORS_FILE_DIR"
 DTYPES = {
@@ -75,17 +75,6 @@ def _map_resident(path: str) -> mmap.mmap:
     return mapped
 
 
-def _own_storage(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory: copy the (rare) second view of one storage."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in weights.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.clone() if ptr in seen and t.nbytes else t
-        seen.add(ptr)
-    return out
-
-
 def _layout(mapped: np.ndarray, path: str) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
     """Header of a file that safetensors itself has validated: (data start, name -> dtype, shape, begin, end)."""
     try:
@@ -98,6 +87,8 @@ def _layout(mapped: np.ndarray, path: str) -> tuple[int, dict[str, tuple[torch.d
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
+        if name.startswith(PAD):  # zeros that align the next tensor (see write_blob)
+            continue
         dtype = DTYPES.get(info["dtype"])
         begin, end = info["data_offsets"]
         if dtype is None:
@@ -118,7 +109,9 @@ class SafetensorsFileBackend(Backend):
         folder = weights_dir()
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{uuid.uuid4().hex}.safetensors")
-        save_file(_own_storage(weights), path + ".partial")
+        # (not safetensors' save_file: its tensors start wherever the one before ends, and CPU kernels
+        # round differently for operands not 64-byte aligned: the actor's outputs would differ from the driver's)
+        write_blob(weights).tofile(path + ".partial")
         os.replace(path + ".partial", path)  # readers never see a half-written file
         _written[path] = _map_resident(path)
         return FilePayload(path, os.path.getsize(path), ray.put(path))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ray_zerocopy._shm import STORE_MARKER
+from ray_zerocopy._stream import ALIGN
 from ray_zerocopy.testing.proof import outside, unique_tensors
 from ray_zerocopy.testing.zoo import zoo_input, zoo_model
 
@@ -97,6 +98,16 @@ def _put_untouched(name: str) -> tuple[object, list[str]]:
                      if given[k] is not t or (t.data_ptr(), t.stride()) != (ptr, stride) or not same_bytes(t, expected[k])]
 
 
+def _misaligned(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """A problem line for tensors not 64-byte aligned as the driver's are: CPU kernels round differently
+    for operands at other alignments (a model's outputs then differ from the driver's in the last bits)."""
+    odd = sorted(f"{k!r} at {t.data_ptr() % ALIGN} mod {ALIGN}" for k, t in tensors.items()
+                 if t.numel() and t.data_ptr() % ALIGN)
+    return [f"{len(odd)} tensor(s) not {ALIGN}-byte aligned ({', '.join(odd[:5])}): outputs may differ "
+            f"from the driver's; place each tensor at a multiple of {ALIGN} bytes of a {ALIGN}-byte aligned buffer"
+            ] if odd else []
+
+
 def _check_tensors(name: str, payload: object, device: str) -> list[str]:
     from ray_zerocopy.plugins import get_backend
 
@@ -110,7 +121,7 @@ def _check_tensors(name: str, payload: object, device: str) -> list[str]:
                 for k, t in expected.items() if not same_bytes(got[k], t) or got[k].device.type != device.split(":")[0]]
     if device == "cpu" and backend.zero_copy and (away := outside(got, _marker(backend))):
         problems.append(f"zero_copy=True, but {away} are not views of shared memory ({_marker(backend)!r})")
-    return problems
+    return problems + _misaligned(got)
 
 
 def _check_model(name: str, model_name: str, ref: Any, device: str) -> list[str]:
@@ -134,6 +145,7 @@ def _check_model(name: str, model_name: str, ref: Any, device: str) -> list[str]
     backend = get_backend(name)
     if device == "cpu" and backend.zero_copy and (away := outside(dict(unique_tensors(loaded)), _marker(backend))):
         problems.append(f"zero_copy=True, but {away} are not views of shared memory ({_marker(backend)!r})")
+    problems += _misaligned(dict(unique_tensors(loaded)))
     return [f"{model_name}: {p}" for p in problems]
 
 
@@ -172,7 +184,9 @@ def check_backend(
     equal bit for bit to the original evaluated in the same worker, every tensor equal, ties
     kept as one object, eval mode, no grad; on the CPU, if the backend claims ``zero_copy``,
     every tensor is a view of shared memory (mappings whose path contains the backend's
-    ``shared_memory_marker``: Ray's object store unless it says otherwise); bad payloads make ``get`` raise, never return,
+    ``shared_memory_marker``: Ray's object store unless it says otherwise); every non-empty tensor
+    ``get`` returns is 64-byte aligned, as the driver's are (CPU kernels round differently for
+    misaligned operands, so outputs would differ in the last bits); bad payloads make ``get`` raise, never return,
     crash the worker or hang.
 
     Args:
