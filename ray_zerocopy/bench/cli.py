@@ -302,8 +302,9 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     results: dict[str, dict[str, Any]] = {}
     try:
         ctx = Context(workdir, os.path.join(workdir, "reference.pt"), meta["model_bytes"])
-        if opts.spec.quantize == "none":  # (a quantized reference is built again where it is checked)
-            torch.save(all_tensors(model), ctx.reference)
+        # the reference outputs come from these weights (a quantized model: the model itself, pickled, since
+        # quantizing again need not give the same bytes)
+        torch.save(all_tensors(model) if opts.spec.quantize == "none" else model, ctx.reference)
         OURS_OPTIONS["gpu_copiers"] = opts.args.gpu_copiers
         if opts.args.checkpoint:
             CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")

@@ -226,8 +226,8 @@ class BenchActor:
         """Max abs difference between this model's output and the original weights' output, both here."""
         if self.spec.quantize == "none":
             reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
-        else:  # (built and quantized again: both are deterministic)
-            reference = build_model(self.spec).to(self.device)
+        else:  # the driver's quantized model itself
+            reference = torch.load(reference_path, weights_only=False).to(self.device)
         expected = run_model(reference, self.ids)
         del reference
         assert self.out is not None, "run_and_measure first"
