@@ -128,7 +128,8 @@ def rewrite_pipeline_for_actors(
         by_id = dict(zip(models, prepare_together(list(models.values()), backend, gpu_copiers)))
     else:
         by_id = {key: prepare_model_for_actors(m, backend=backend, gpu_copiers=gpu_copiers) for key, m in models.items()}
-    refs = {name: dataclasses.replace(by_id[id(getattr(pipeline, name))], pipeline_attrs=tuple(names)) for name in names}
+    stamped = {key: dataclasses.replace(ref, pipeline_attrs=tuple(names)) for key, ref in by_id.items()}
+    refs = {name: stamped[id(getattr(pipeline, name))] for name in names}  # (a model held twice: one ref)
     skeleton = shallow_copy(pipeline)
     for name in names:
         set_attr(skeleton, name, None)
