@@ -45,8 +45,11 @@ from ray_zerocopy.errors import (
     CheckpointMismatchError,
     DeviceError,
     DuplicateBackendError,
+    EnvVarError,
     FormatVersionError,
     InvalidModelRefError,
+    InvalidRegistrationError,
+    LoadDtypeError,
     MethodNotFoundError,
     NoModelsError,
     NotAModuleError,
@@ -85,6 +88,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DeviceError",
     "DuplicateBackendError",
+    "EnvVarError",
     "FormatVersionError",
     "InvalidModelRefError",
     "UnexpectedArgumentError",
@@ -94,6 +98,8 @@ __all__ = [
     "PipelineRefsTypeError",
     "PipelineRefsError",
     "OtherSessionError",
+    "InvalidRegistrationError",
+    "LoadDtypeError",
     "MethodNotFoundError",
     "ModelRef",
     "NoModelsError",
@@ -155,7 +161,7 @@ def _map_builtin_backends() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    setattr(sys.modules[__name__], "backends", module)  # (what the import system does for a submodule)
+    globals()["backends"] = module  # (what the import system does for a submodule)
 
 
 _map_builtin_backends()

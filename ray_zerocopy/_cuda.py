@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ray_zerocopy import _procmaps
+from ray_zerocopy._env import env_number
 from ray_zerocopy._log import warn_once
+from ray_zerocopy.errors import EnvVarError, PayloadError
 
 ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | copier | staged | plain
 THREADS_ENV = "RAY_ZEROCOPY_H2D_THREADS"  # staging threads
@@ -105,8 +107,8 @@ def settings(threads: int | None = None, chunk_bytes: int | None = None) -> tupl
     ``min(6, cpu_count)`` threads and 4 MiB buffers (the copy is memory-bound and short: a burst of a
     few threads is what makes a load fast; 8 or 10 threads measured slower; 8 MiB buffers make reloads
     faster but a first load slower, as the larger ring takes twice as long to pin)."""
-    threads = threads or int(os.environ.get(THREADS_ENV) or 0) or min(6, os.cpu_count() or 1)
-    chunk_bytes = chunk_bytes or int(float(os.environ.get(CHUNK_ENV) or 0) * (1 << 20)) or (4 << 20)
+    threads = threads or int(env_number(THREADS_ENV, 0)) or min(6, os.cpu_count() or 1)
+    chunk_bytes = chunk_bytes or int(env_number(CHUNK_ENV, 0) * (1 << 20)) or (4 << 20)
     return max(1, threads), max(1 << 16, chunk_bytes)
 
 
@@ -143,12 +145,11 @@ def copy_to_device(
         >>> dev_buf = copy_to_device(torch.frombuffer(blob, dtype=torch.uint8), torch.device("cuda"))  # doctest: +SKIP
     """
     if buf.device.type != "cpu" or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(f"copy_to_device needs a contiguous 1-D uint8 CPU tensor, got {buf.dtype} "
-                         f"{tuple(buf.shape)} on {buf.device}. Fix: pass buf.reshape(-1).view(torch.uint8)")
+        raise PayloadError(None, f"copy_to_device needs a contiguous 1-D uint8 CPU tensor, got {buf.dtype} "
+                           f"{tuple(buf.shape)} on {buf.device}", "pass buf.reshape(-1).view(torch.uint8)")
     route = route or current_route()
     if route not in ROUTES:
-        raise ValueError(f"unknown host-to-device route {route!r}; expected one of {ROUTES}. "
-                         f"Fix: set {ROUTE_ENV} to one of those")
+        raise EnvVarError(ROUTE_ENV, route, f"one of {ROUTES} (unknown host-to-device route {route!r})")
     if route == "plain" or buf.numel() < MIN_FAST_BYTES or buf.is_pinned():
         return buf.to(device)
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)

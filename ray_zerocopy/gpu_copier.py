@@ -36,15 +36,16 @@ from ray.experimental import get_object_locations
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_zerocopy import _cuda
+from ray_zerocopy._env import env_number
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import vma_of
 from ray_zerocopy.gpu_share import NAMESPACE, READY_WAIT_S, gpu_uuid, start_detached
 from ray_zerocopy.model_ref import object_refs
 
-COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
+COPIER_LINGER_S = env_number("RAY_ZEROCOPY_COPIER_LINGER_S", 10.0)  # then it frees the objects
 RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
 COPIER_START_S = 120.0  # prepare waits this long for a copier to be up
-PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's idle limit
+PRESTART_WAIT_S = env_number("RAY_ZEROCOPY_COPIER_WAIT_S", 300.0)  # a started-ahead copier's idle limit
 _PAGE = 4096
 
 

@@ -24,7 +24,6 @@ referenced, and its keeper waits up to ``FIRST_USE_S`` for the first replica.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -32,12 +31,14 @@ from typing import Any
 
 import ray
 
+from ray_zerocopy._env import env_number
+
 NAMESPACE = "ray_zerocopy"
 POLL_S = 1.0
 SERVE_REPLICA = "SERVE_REPLICA::"  # Serve names a replica actor SERVE_REPLICA::<app>#<deployment>#<id>
 REPLICA_START_S = 60.0  # a replica that has not loaded the model this long after it appeared does not use it
 GRACE_S = 5.0  # a new keeper waits this long for its first pin before it may exit
-FIRST_USE_S = float(os.environ.get("RAY_ZEROCOPY_KEEPER_FIRST_USE_S") or 600.0)  # pinned from a task: its users come later
+FIRST_USE_S = env_number("RAY_ZEROCOPY_KEEPER_FIRST_USE_S", 600.0)  # pinned from a task: its users come later
 
 _kept: dict[str, Any] = {}  # uid -> keeper handle, for the ModelRefs this process pinned
 _lock = threading.Lock()

@@ -21,7 +21,7 @@ from ray_zerocopy import (
     quiet_readonly,
     rewrite_pipeline_for_actors,
 )
-from ray_zerocopy.errors import DeviceError, LoadDtypeError
+from ray_zerocopy.errors import DeviceError, EnvVarError, LoadDtypeError
 from ray_zerocopy.testing import unique_tensors, zoo_input, zoo_model
 
 HAS_CUDA = torch.cuda.is_available()
@@ -116,7 +116,7 @@ def test_copy_rejects_non_byte_buffers():
 
     with pytest.raises(ValueError, match="1-D uint8 CPU tensor"):
         copy_to_device(torch.zeros(4), torch.device("cuda"))
-    with pytest.raises(ValueError, match="unknown host-to-device route 'fast'"):
+    with pytest.raises(EnvVarError, match="unknown host-to-device route 'fast'"):
         copy_to_device(torch.zeros(4, dtype=torch.uint8), torch.device("cuda"), route="fast")
 
 
