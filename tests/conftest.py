@@ -81,9 +81,19 @@ RAY_FIXTURES = {"ray_session", "ray_local", "ray_gpu"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpus: int | None = None
     for item in items:
         if item.get_closest_marker("unit") and RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} is marked unit but uses a Ray fixture")
+        if (gpu := item.get_closest_marker("gpu")) is not None:  # the one GPU marker: gpu, or gpu(count=2)
+            if gpus is None:
+                import torch
+
+                gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            need = gpu.kwargs.get("count", 1)
+            if gpus < need:
+                item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA device(s), {gpus} visible here; "
+                                                        "GPU tests run on a GPU machine"))
 
 
 def start_local_ray() -> None:
