@@ -41,7 +41,7 @@ STAGING_BUFFERS = 2  # per thread: one being filled while the GPU drains the oth
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: we only read, and Ray may map the store read-only
 _MADV_HUGEPAGE = 14
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device of the process (the ring is pinned in another thread)
-_PAGE = 2 << 20  # the ring starts on a 2 MiB boundary (huge pages)
+_RING_ALIGN = 2 << 20  # the ring starts on a 2 MiB boundary (huge pages)
 
 
 class PinError(RuntimeError):
@@ -240,8 +240,8 @@ class _Ring:
 
     def __init__(self, device: torch.device, nbuf: int, chunk_bytes: int) -> None:
         self.shape = (nbuf, chunk_bytes)
-        raw = torch.empty(nbuf * chunk_bytes + _PAGE, dtype=torch.uint8)
-        skip = -raw.data_ptr() % _PAGE
+        raw = torch.empty(nbuf * chunk_bytes + _RING_ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % _RING_ALIGN
         self.buf = raw[skip : skip + nbuf * chunk_bytes].view(nbuf, chunk_bytes)
         _advise_huge_pages(self.buf.data_ptr(), self.buf.nbytes)
         self.pinned = False  # registered with cudaHostRegister (by the thread)

@@ -36,21 +36,22 @@ from ray.experimental import get_object_locations
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_zerocopy import _cuda
+from ray_zerocopy._detached import NAMESPACE, Detached, start_detached
 from ray_zerocopy._env import env_number
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import vma_of
-from ray_zerocopy.gpu_share import NAMESPACE, READY_WAIT_S, gpu_uuid, start_detached
+from ray_zerocopy.gpu_share import READY_WAIT_S, gpu_uuid
 from ray_zerocopy.model_ref import object_refs
 
 COPIER_LINGER_S = env_number("RAY_ZEROCOPY_COPIER_LINGER_S", 10.0)  # then it frees the objects
 RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
 COPIER_START_S = 120.0  # prepare waits this long for a copier to be up
 PRESTART_WAIT_S = env_number("RAY_ZEROCOPY_COPIER_WAIT_S", 300.0)  # a started-ahead copier's idle limit
-_PAGE = 4096
+_PAGE = 4096  # (host pages: what cudaHostRegister pins)
 
 
 @ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)
-class _Copier:
+class _Copier(Detached):
     """Copies ranges of one model's objects, pinned in its memory, into device memory of actors on one GPU."""
 
     def __init__(self, uuid: str, model_ref: Any) -> None:
@@ -72,7 +73,7 @@ class _Copier:
         self.copies, self.idle_s = 0, PRESTART_WAIT_S if model_ref.gpu_copiers else COPIER_LINGER_S
         self.last = time.monotonic()
         self.lock = threading.Lock()  # a copy and the unpinning never overlap
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._watch_every(1.0)
 
     def ready(self) -> int:
         """How many loads it has filled (an answer means it is up)."""
@@ -96,21 +97,15 @@ class _Copier:
                     return True
         return False
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
-            lost = weights_lost(self.refs)  # (the job that prepared the model ended: no load will come)
-            with self.lock:
-                if not lost and time.monotonic() - self.last < self.idle_s:
-                    continue
-                for _, _, _, addr in self.ranges:
-                    _cuda.unpin_host(addr)
-                self.held = None  # (the objects may go now)
-            ray.get_runtime_context().current_actor.shutdown.remote()
-            return
-
-    def shutdown(self) -> None:
-        ray.actor.exit_actor()
+    def _let_go(self) -> bool:
+        lost = weights_lost(self.refs)  # (the job that prepared the model ended: no load will come)
+        with self.lock:
+            if not lost and time.monotonic() - self.last < self.idle_s:
+                return False
+            for _, _, _, addr in self.ranges:
+                _cuda.unpin_host(addr)
+            self.held = None  # (the objects may go now)
+        return True
 
 
 def weights_lost(refs: list[Any]) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ray_zerocopy.backend import dtype_from_name
 from ray_zerocopy.errors import CheckpointError
 from ray_zerocopy.model_ref import ModelRef
 from ray_zerocopy.plugins import DEFAULT_BACKEND
@@ -69,7 +70,10 @@ def _class_of(config: Any, path: str | os.PathLike) -> Any:
 def _config_dtype(config: Any) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+        try:
+            dtype = dtype_from_name(dtype)
+        except ValueError:  # ("auto", or a name this torch lacks)
+            dtype = None
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 

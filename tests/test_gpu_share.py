@@ -24,7 +24,7 @@ from ray_zerocopy import (
     rewrite_pipeline_for_actors,
 )
 from ray_zerocopy._cuda import ROUTE_ENV
-from ray_zerocopy.gpu_share import NAMESPACE
+from ray_zerocopy._detached import NAMESPACE
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 LAYERS, WIDTH = 16, 4096  # 16 x 64 MiB fp32 = 1 GiB of weights

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from ray_zerocopy.bench.approaches import CKPT_PREFIX, OTHERS, OURS_PREFIX, PRESETS, QUANTIZE, ModelSpec, make_spec
 from ray_zerocopy.bench.probe import FAST_S
 
-
 DESCRIPTION = """\
 Compare ray_zerocopy with the usual ways of giving N Ray actors one PyTorch model, side by side in one run.
 
