@@ -7,7 +7,7 @@ ring of pinned staging buffers (a CPU copy releases the GIL) while the GPU drain
 bounded extra host memory (two buffers a thread), no second copy of the model. The ring is ordinary
 memory pinned with ``cudaHostRegister`` (much cheaper than ``cudaHostAlloc``) in a background thread
 that a load starts as it begins (:func:`warm_ring`); it stays pinned for the process's next load. Pinning the object store's pages
-in place instead, and copying straight from them, was measured slower (the README has the figures).
+in place instead, and copying straight from them, was slower (docs/benchmarks.md has the figures).
 
 Any pinning failure falls back, with one log line, to pinned memory from torch's allocator, then to
 plain pageable copies, and leaves no CUDA error behind. Threads and chunk size can be overridden by
@@ -105,7 +105,7 @@ def current_route() -> str:
 def settings(threads: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(staging threads, staging chunk bytes): explicit values, else the environment, else the defaults:
     ``min(6, cpu_count)`` threads and 4 MiB buffers (the copy is memory-bound and short: a burst of a
-    few threads is what makes a load fast; 8 or 10 threads measured slower; 8 MiB buffers make reloads
+    few threads is what makes a load fast, more threads were slower; 8 MiB buffers make reloads
     faster but a first load slower, as the larger ring takes twice as long to pin)."""
     threads = threads or int(env_number(THREADS_ENV, 0)) or min(6, os.cpu_count() or 1)
     chunk_bytes = chunk_bytes or int(env_number(CHUNK_ENV, 0) * (1 << 20)) or (4 << 20)
@@ -235,8 +235,8 @@ class _Ring:
     pinning overlaps fetching the payload). Where registering fails: torch's pinned allocator, else
     pageable buffers (slow, correct).
 
-    Pinning slot by slot while the first slots are already copied was measured slower on the H200
-    (first loads 13.8 against 16.6 GB/s): registering memory holds up the other threads' CUDA calls."""
+    Pinning slot by slot while the first slots are already copied was slower on first loads: registering
+    memory holds up the other threads' CUDA calls."""
 
     def __init__(self, device: torch.device, nbuf: int, chunk_bytes: int) -> None:
         self.shape = (nbuf, chunk_bytes)

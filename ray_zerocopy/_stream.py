@@ -113,7 +113,7 @@ def _join(nbytes: int, *bufs: Any) -> np.ndarray:
 
     Ray writes out-of-band buffers one after the other, in order: where the last piece ends exactly
     ``nbytes`` after the first begins (and a middle one where it should), the pieces fill the span
-    with no gap, and the hundreds of pieces between need no look (a load's hot path: 1 ms on bert)."""
+    with no gap, and the hundreds of pieces between need no look (this runs on every load)."""
     if not bufs:
         return np.empty(0, np.uint8)
     first, last = np.frombuffer(bufs[0], np.uint8), np.frombuffer(bufs[-1], np.uint8)

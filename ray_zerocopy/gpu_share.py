@@ -39,7 +39,7 @@ from ray_zerocopy.backend import dtype_name
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
 READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
-# (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
+# (a fresh actor's first call to one that is up takes milliseconds)
 
 
 def gpu_uuid(device: torch.device) -> str:

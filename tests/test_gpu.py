@@ -1,4 +1,4 @@
-"""GPU loading (issue 5): every transport onto the actor's own GPU, the fast host-to-device path, dtype=.
+"""GPU loading: every transport onto the actor's own GPU, the fast host-to-device path, dtype=.
 
 Tests marked ``gpu`` skip where no CUDA device is visible (CI has none); they run on a
 GPU machine with a real Ray. The dtype tests at the end need no GPU and run everywhere.

@@ -1,4 +1,4 @@
-"""Several actors on one GPU share one device copy (issue 7): share_gpu=True, CUDA IPC, holder lifetimes.
+"""Several actors on one GPU share one device copy: share_gpu=True, CUDA IPC, holder lifetimes.
 
 The CUDA tests skip where no CUDA device is visible (CI has none) and run on a GPU machine with a
 real Ray; the two-GPU test needs two. The CPU fallback test runs everywhere.

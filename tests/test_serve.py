@@ -1,4 +1,4 @@
-"""Ray Serve (issue 16): replicas of one deployment share one copy of the weights per node.
+"""Ray Serve: replicas of one deployment share one copy of the weights per node.
 
 Real Serve, real HTTP through Serve's proxy (on a free port), real replica processes. The
 ModelRef goes through ``.bind(...)``; Serve pickles it outside Ray, so it travels as a keeper

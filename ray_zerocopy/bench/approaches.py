@@ -250,8 +250,8 @@ class Prepared:
 
 
 def _moved(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """``model.to(device)`` where it moves something: on the CPU that walk alone costs a bert-base
-    ~2-5 ms, which the alternatives' users would not pay (they call it for a GPU only)."""
+    """``model.to(device)`` where it moves something: on the CPU that walk alone costs milliseconds,
+    which the alternatives' users would not pay (they call it for a GPU only)."""
     return model if device == "cpu" else model.to(device)
 
 

@@ -76,8 +76,8 @@ def _start_ray(opts: Options, model_bytes: int) -> float:
     store = max(512 * 2**20, int(2.5 * model_bytes) + 256 * 2**20)
     ray.init(address="local", num_cpus=max(8, opts.actors), object_store_memory=store,
              include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    # A fresh store's first put faults its pages in (5.1 s for 4.24 GB on a 2-core VM, 0.5 s once they
-    # are resident): done once here, so that no approach pays it for the ones after it.
+    # A fresh store's first put faults its pages in (seconds for a few GB, ten times less once they are
+    # resident): done once here, so that no approach pays it for the ones after it.
     t0 = time.perf_counter()
     ray.put(np.zeros(model_bytes, dtype=np.uint8))  # (freed at once; zeros take no driver memory)
     return time.perf_counter() - t0
