@@ -1,6 +1,6 @@
 """Shared fixtures: one local Ray for the session, and every registered backend as a parameter.
 
-Tiers (see the README's "Development" part):
+Tiers (see docs/development.md):
 - unit tests (``@pytest.mark.unit``): no Ray at all, seconds; ``pytest -m unit``.
 - per backend: a test that takes the ``backend`` fixture runs once per registered backend. Only the
   conformance kit (test_conformance.py) and tests about how a backend differs (the GPU paths, in-place
