@@ -38,11 +38,13 @@ from ray_zerocopy.errors import PayloadError, UnsupportedModelError
 # sort tensors by this rank (widest first), then by name, which keeps every offset aligned.
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),  # type: ignore[dict-item]
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
     "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
     "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
     "C64": torch.complex64, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
 }
+DTYPES = {name: dtype for name, dtype in DTYPES.items() if dtype is not None}  # (F8_E8M0: torch 2.7+)
 _NAME_OF = {dtype: name for name, dtype in DTYPES.items()}
 _RANK = {name: rank for rank, name in enumerate(DTYPES)}
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces

@@ -6,6 +6,10 @@ has nothing left to import); third-party plugins (entry points) are discovered o
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 from ray_zerocopy.actor import (
     ModelRef,
     hold_weights,
@@ -41,8 +45,11 @@ from ray_zerocopy.errors import (
     CheckpointMismatchError,
     DeviceError,
     DuplicateBackendError,
+    EnvVarError,
     FormatVersionError,
     InvalidModelRefError,
+    InvalidRegistrationError,
+    LoadDtypeError,
     MethodNotFoundError,
     NoModelsError,
     NotAModuleError,
@@ -81,6 +88,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DeviceError",
     "DuplicateBackendError",
+    "EnvVarError",
     "FormatVersionError",
     "InvalidModelRefError",
     "UnexpectedArgumentError",
@@ -90,6 +98,8 @@ __all__ = [
     "PipelineRefsTypeError",
     "PipelineRefsError",
     "OtherSessionError",
+    "InvalidRegistrationError",
+    "LoadDtypeError",
     "MethodNotFoundError",
     "ModelRef",
     "NoModelsError",
@@ -131,4 +141,28 @@ __all__ = [
     "update_pipeline_in_actor",
 ]
 
+
+def _map_builtin_backends() -> None:
+    """Make the top-level ``backends/`` of a source checkout importable as ``ray_zerocopy.backends``.
+
+    An installed wheel has it inside the package (setuptools' ``package-dir`` mapping in pyproject.toml);
+    a checkout has it beside the package, which Python alone would not find. This covers ``PYTHONPATH=.``,
+    an editable install, Ray workers started from the repository root, and a non-editable install run
+    from there (whose ``ray_zerocopy`` is then the checkout's).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    beside = os.path.join(os.path.dirname(here), "backends")
+    if "ray_zerocopy.backends" in sys.modules or os.path.isdir(os.path.join(here, "backends")):
+        return  # (an installed wheel)
+    spec = importlib.util.spec_from_file_location("ray_zerocopy.backends", os.path.join(beside, "__init__.py"),
+                                                  submodule_search_locations=[beside])
+    if spec is None or spec.loader is None or not os.path.isfile(os.path.join(beside, "__init__.py")):
+        return  # (then importing a built-in backend fails with Python's own ModuleNotFoundError)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    globals()["backends"] = module  # (what the import system does for a submodule)
+
+
+_map_builtin_backends()
 import_builtins()  # (not lazily: a first load in a fresh actor then has nothing left to import)

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+DESCRIPTION = """\
+ray_zerocopy: many Ray actors on a node share one copy of a PyTorch model's weights.
+
+commands:
+  backends   list the weight transports installed here (built-in and plugins), and broken plugins
+  bench      compare ray_zerocopy with ray.put, Ray's zero-copy flag and loading from files
+"""
+
 
 def _list_backends() -> int:
     import warnings
@@ -36,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         from ray_zerocopy.bench import main as bench_main
 
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m ray_zerocopy", description=__doc__)
-    parser.add_argument("command", choices=["backends", "bench"], help="what to do")
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_zerocopy", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["backends", "bench"],
+                        help="backends: list the installed weight transports; bench: run the benchmark "
+                             "(python -m ray_zerocopy bench --help lists its options)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "backends":
         if rest:

@@ -7,7 +7,7 @@ ring of pinned staging buffers (a CPU copy releases the GIL) while the GPU drain
 bounded extra host memory (two buffers a thread), no second copy of the model. The ring is ordinary
 memory pinned with ``cudaHostRegister`` (much cheaper than ``cudaHostAlloc``) in a background thread
 that a load starts as it begins (:func:`warm_ring`); it stays pinned for the process's next load. Pinning the object store's pages
-in place instead, and copying straight from them, was measured slower (the README has the figures).
+in place instead, and copying straight from them, was slower (docs/benchmarks.md has the figures).
 
 Any pinning failure falls back, with one log line, to pinned memory from torch's allocator, then to
 plain pageable copies, and leaves no CUDA error behind. Threads and chunk size can be overridden by
@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ray_zerocopy import _procmaps
+from ray_zerocopy._env import env_number
 from ray_zerocopy._log import warn_once
+from ray_zerocopy.errors import EnvVarError, PayloadError
 
 ROUTE_ENV = "RAY_ZEROCOPY_H2D_ROUTE"  # auto | copier | staged | plain
 THREADS_ENV = "RAY_ZEROCOPY_H2D_THREADS"  # staging threads
@@ -39,7 +41,7 @@ STAGING_BUFFERS = 2  # per thread: one being filled while the GPU drains the oth
 _READ_ONLY = 8  # cudaHostRegisterReadOnly: we only read, and Ray may map the store read-only
 _MADV_HUGEPAGE = 14
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device of the process (the ring is pinned in another thread)
-_PAGE = 2 << 20  # the ring starts on a 2 MiB boundary (huge pages)
+_RING_ALIGN = 2 << 20  # the ring starts on a 2 MiB boundary (huge pages)
 
 
 class PinError(RuntimeError):
@@ -103,10 +105,10 @@ def current_route() -> str:
 def settings(threads: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(staging threads, staging chunk bytes): explicit values, else the environment, else the defaults:
     ``min(6, cpu_count)`` threads and 4 MiB buffers (the copy is memory-bound and short: a burst of a
-    few threads is what makes a load fast; 8 or 10 threads measured slower; 8 MiB buffers make reloads
+    few threads is what makes a load fast, more threads were slower; 8 MiB buffers make reloads
     faster but a first load slower, as the larger ring takes twice as long to pin)."""
-    threads = threads or int(os.environ.get(THREADS_ENV) or 0) or min(6, os.cpu_count() or 1)
-    chunk_bytes = chunk_bytes or int(float(os.environ.get(CHUNK_ENV) or 0) * (1 << 20)) or (4 << 20)
+    threads = threads or int(env_number(THREADS_ENV, 0)) or min(6, os.cpu_count() or 1)
+    chunk_bytes = chunk_bytes or int(env_number(CHUNK_ENV, 0) * (1 << 20)) or (4 << 20)
     return max(1, threads), max(1 << 16, chunk_bytes)
 
 
@@ -143,12 +145,11 @@ def copy_to_device(
         >>> dev_buf = copy_to_device(torch.frombuffer(blob, dtype=torch.uint8), torch.device("cuda"))  # doctest: +SKIP
     """
     if buf.device.type != "cpu" or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(f"copy_to_device needs a contiguous 1-D uint8 CPU tensor, got {buf.dtype} "
-                         f"{tuple(buf.shape)} on {buf.device}. Fix: pass buf.reshape(-1).view(torch.uint8)")
+        raise PayloadError(None, f"copy_to_device needs a contiguous 1-D uint8 CPU tensor, got {buf.dtype} "
+                           f"{tuple(buf.shape)} on {buf.device}", "pass buf.reshape(-1).view(torch.uint8)")
     route = route or current_route()
     if route not in ROUTES:
-        raise ValueError(f"unknown host-to-device route {route!r}; expected one of {ROUTES}. "
-                         f"Fix: set {ROUTE_ENV} to one of those")
+        raise EnvVarError(ROUTE_ENV, route, f"one of {ROUTES} (unknown host-to-device route {route!r})")
     if route == "plain" or buf.numel() < MIN_FAST_BYTES or buf.is_pinned():
         return buf.to(device)
     dst = torch.empty(buf.numel(), dtype=torch.uint8, device=device)
@@ -234,13 +235,13 @@ class _Ring:
     pinning overlaps fetching the payload). Where registering fails: torch's pinned allocator, else
     pageable buffers (slow, correct).
 
-    Pinning slot by slot while the first slots are already copied was measured slower on the H200
-    (first loads 13.8 against 16.6 GB/s): registering memory holds up the other threads' CUDA calls."""
+    Pinning slot by slot while the first slots are already copied was slower on first loads: registering
+    memory holds up the other threads' CUDA calls."""
 
     def __init__(self, device: torch.device, nbuf: int, chunk_bytes: int) -> None:
         self.shape = (nbuf, chunk_bytes)
-        raw = torch.empty(nbuf * chunk_bytes + _PAGE, dtype=torch.uint8)
-        skip = -raw.data_ptr() % _PAGE
+        raw = torch.empty(nbuf * chunk_bytes + _RING_ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % _RING_ALIGN
         self.buf = raw[skip : skip + nbuf * chunk_bytes].view(nbuf, chunk_bytes)
         _advise_huge_pages(self.buf.data_ptr(), self.buf.nbytes)
         self.pinned = False  # registered with cudaHostRegister (by the thread)

@@ -92,8 +92,11 @@ def put_joined(segments: Iterable[np.ndarray], **put_kwargs: Any) -> ray.ObjectR
     return ray.put(_Joined(parts, sum(len(p) for p in parts)), **put_kwargs)
 
 
-def _address(buf: Any) -> int:
-    return np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+def address_of(buf: Any) -> int:
+    """Where the bytes of a numpy array or any contiguous buffer start in this process."""
+    if not isinstance(buf, np.ndarray):  # (a buffer: Ray gives the object_store transport's as such)
+        buf = np.frombuffer(buf, np.uint8)
+    return buf.__array_interface__["data"][0]
 
 
 class _Span:
@@ -110,17 +113,17 @@ def _join(nbytes: int, *bufs: Any) -> np.ndarray:
 
     Ray writes out-of-band buffers one after the other, in order: where the last piece ends exactly
     ``nbytes`` after the first begins (and a middle one where it should), the pieces fill the span
-    with no gap, and the hundreds of pieces between need no look (a load's hot path: 1 ms on bert)."""
+    with no gap, and the hundreds of pieces between need no look (this runs on every load)."""
     if not bufs:
         return np.empty(0, np.uint8)
     first, last = np.frombuffer(bufs[0], np.uint8), np.frombuffer(bufs[-1], np.uint8)
-    start = _address(first)
-    if _address(last) + len(last) - start == nbytes and _address(first) + len(first) <= _address(last):
+    start = address_of(first)
+    if address_of(last) + len(last) - start == nbytes and address_of(first) + len(first) <= address_of(last):
         return _view(start, nbytes, bufs)
     arrays = [np.frombuffer(b, np.uint8) for b in bufs]
     pos = start
     for a in arrays:
-        if _address(a) != pos:
+        if address_of(a) != pos:
             return np.concatenate(arrays)
         pos += len(a)
     if pos - start != nbytes:

@@ -107,12 +107,29 @@ class InvalidModelRefError(RayZeroCopyError, TypeError):
 class DeviceError(RayZeroCopyError, ValueError):
     """The requested device does not exist (or is not visible) in this process."""
 
-    def __init__(self, device: object, reason: str) -> None:
+    def __init__(self, device: object, reason: str, fix: str | None = None) -> None:
         self.device, self.reason = device, reason
-        super().__init__(
-            f"device {device!r} is not usable here: {reason}. Fix: ask Ray for the device (e.g. "
-            "num_gpus=1 on the actor or in map_batches) and pass device='cuda', or load with device='cpu'."
-        )
+        fix = fix or ("ask Ray for the device (e.g. num_gpus=1 on the actor or in map_batches) and pass "
+                      "device='cuda', or load with device='cpu'")
+        super().__init__(f"device {device!r} is not usable here: {reason}. Fix: {fix}.")
+
+
+class EnvVarError(RayZeroCopyError, ValueError):
+    """An environment variable that ray_zerocopy reads holds a value it cannot use."""
+
+    def __init__(self, name: str, value: str, expected: str) -> None:
+        self.name, self.value, self.expected = name, value, expected
+        super().__init__(f"{name}={value!r}: expected {expected}. Fix: set {name} to such a value, or unset it "
+                         "for the default.")
+
+
+class InvalidRegistrationError(RayZeroCopyError, TypeError):
+    """A plugin's hook registered something that is not a backend (or tensor adapter) class with a ``name``."""
+
+    def __init__(self, plugin: str, value: object, base: str = "Backend") -> None:
+        self.plugin, self.value = plugin, value
+        super().__init__(f"plugin {plugin!r} registered {value!r}: expected a ray_zerocopy.{base} subclass with "
+                         f"a `name`. Fix: subclass ray_zerocopy.{base} and set name = '...'.")
 
 
 class UnsupportedModelError(RayZeroCopyError, TypeError):
@@ -126,13 +143,11 @@ class UnsupportedModelError(RayZeroCopyError, TypeError):
 class PayloadError(RayZeroCopyError, ValueError):
     """A backend payload is malformed (bad header, offsets out of range, unknown dtype, ...)."""
 
-    def __init__(self, tensor: str | None, problem: str) -> None:
+    def __init__(self, tensor: str | None, problem: str, fix: str | None = None) -> None:
         self.tensor, self.problem = tensor, problem
         where = f"tensor {tensor!r}" if tensor is not None else "payload"
-        super().__init__(
-            f"{where}: {problem}. Fix: prepare the model again; the stored weights are damaged or were "
-            "written by an incompatible writer."
-        )
+        fix = fix or "prepare the model again; the stored weights are damaged or were written by an incompatible writer"
+        super().__init__(f"{where}: {problem}. Fix: {fix}.")
 
 
 class SharedWeightWriteError(RayZeroCopyError, RuntimeError):
@@ -160,15 +175,12 @@ class WeightsLostError(RayZeroCopyError, RuntimeError):
         if object_ref is not None:
             Exception.__init__(self, _untracked_message(object_ref))
             return
-        super().__init__(
-            f"the model's weights are no longer in Ray's object store ({type(cause).__name__}: "
-            f"{str(cause).splitlines()[0] if str(cause) else ''}). Their owner (the process that called "
-            "prepare_model_for_actors, or with node= the owner actor it started there) died, or the object "
-            "was lost with its node or evicted; Ray cannot rebuild "
-            "a ray.put object, and restarted actors do not keep their constructor arguments alive (ray issue "
-            "53727). Fix: keep the process that prepared the model, and the ModelRef, alive for as long as actors "
-            "may (re)load it (prepare it in the driver, not in a task or actor that exits), then prepare it again "
-            "and restart the job."
+        first_line = str(cause).splitlines()[0] if str(cause) else ""
+        super().__init__(  # (the why, in full: docs/errors.md)
+            f"the model's weights are gone from Ray's object store ({type(cause).__name__}: {first_line[:160]}): "
+            "their owner died (the process that prepared them, or its node= owner), or they were lost or evicted. "
+            "Fix: keep the process that prepared the model, and its ModelRef, alive while actors may (re)load it; "
+            "prepare it again and restart the job."
         )
 
 
@@ -200,13 +212,12 @@ class AdaptedDtypeError(LoadDtypeError):
 class CheckpointError(RayZeroCopyError, ValueError):
     """``checkpoint=`` is not a readable safetensors checkpoint (file, folder or sharded folder)."""
 
-    def __init__(self, path: object, problem: str) -> None:
+    def __init__(self, path: object, problem: str, fix: str | None = None) -> None:
         self.path, self.problem = path, problem
-        super().__init__(
-            f"checkpoint {str(path)!r}: {problem}. Expected a .safetensors file, or a folder in Hugging Face "
-            "layout holding model.safetensors or model.safetensors.index.json and its shards. "
-            "Fix: pass such a path (save one with model.save_pretrained(folder) or safetensors.torch.save_file)."
-        )
+        fix = fix or ("pass a .safetensors file, or a folder in Hugging Face layout holding model.safetensors or "
+                      "model.safetensors.index.json and its shards (save one with model.save_pretrained(folder) "
+                      "or safetensors.torch.save_file)")
+        super().__init__(f"checkpoint {str(path)!r}: {problem}. Fix: {fix}.")
 
 
 class CheckpointMismatchError(RayZeroCopyError, ValueError):

@@ -6,16 +6,16 @@ a GPU starts a small detached actor for that model and GPU, and copies through t
 (``cudaHostRegister``); from then on a load of that model on that GPU allocates its device memory and
 has the copier fill it through CUDA IPC: one DMA from pinned pages, so the actor pays no pinning, no
 first touches of the store's pages and no host copy. The load looks the copier up while it fetches
-the payload and builds the model while the DMA runs (``_cuda.copy_to_device(wait=False)``). On the H200
-(README, same-lease A/B): first loads of 1.55 GB in 53-54 ms (52-53% of the pinned peak, 1.6-2.0x the
-ring), of 13.3 GB at 87-88%; but a load made while its copier starts copies alone, and it costs a process
-with a CUDA context per model and GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
+the payload and builds the model while the DMA runs (``_cuda.copy_to_device(wait=False)``). First loads
+get much closer to the pinned peak than through the ring (docs/benchmarks.md has the figures); but a
+load made while its copier starts copies alone, and it costs a process with a CUDA context per model and
+GPU. Hence opt-in. It holds the objects for ``COPIER_LINGER_S`` after its last copy
 (``$RAY_ZEROCOPY_COPIER_LINGER_S``), then unpins them and exits.
 ``prepare_model_for_actors(..., gpu_copiers=True)`` opts a model in from the driver instead: it starts the
 model's copier on every GPU of every node with GPUs (:func:`start_copiers`) and returns once they are up,
 so they serve first loads too. Each exits once ``PRESTART_WAIT_S`` pass with no copy (a pool's actors
-arrive over minutes: restarts, autoscaling; on the H200 a fresh actor 30 s after the last load found a
-10 s copier gone and copied alone, 156 against 56-58 ms), or once the weights are gone (:func:`weights_lost`:
+arrive over minutes: restarts, autoscaling; a copier that left 10 s after its last copy was gone when a
+fresh actor came 30 s later, which then copied alone at a third of the speed), or once the weights are gone (:func:`weights_lost`:
 the process that prepared the model ended). Every copier asks its owner each second.
 """
 
@@ -36,20 +36,22 @@ from ray.experimental import get_object_locations
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_zerocopy import _cuda
+from ray_zerocopy._detached import NAMESPACE, Detached, start_detached
+from ray_zerocopy._env import env_number
 from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import vma_of
-from ray_zerocopy.gpu_share import NAMESPACE, READY_WAIT_S, gpu_uuid, start_detached
+from ray_zerocopy.gpu_share import READY_WAIT_S, gpu_uuid
 from ray_zerocopy.model_ref import object_refs
 
-COPIER_LINGER_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_LINGER_S") or 10.0)  # then it frees the objects
+COPIER_LINGER_S = env_number("RAY_ZEROCOPY_COPIER_LINGER_S", 10.0)  # then it frees the objects
 RING_GBPS = 20e9  # about what a first load through the ring reaches: a gpu_copiers load waits for its copier that long
 COPIER_START_S = 120.0  # prepare waits this long for a copier to be up
-PRESTART_WAIT_S = float(os.environ.get("RAY_ZEROCOPY_COPIER_WAIT_S") or 300.0)  # a started-ahead copier's idle limit
-_PAGE = 4096
+PRESTART_WAIT_S = env_number("RAY_ZEROCOPY_COPIER_WAIT_S", 300.0)  # a started-ahead copier's idle limit
+_PAGE = 4096  # (host pages: what cudaHostRegister pins)
 
 
 @ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)
-class _Copier:
+class _Copier(Detached):
     """Copies ranges of one model's objects, pinned in its memory, into device memory of actors on one GPU."""
 
     def __init__(self, uuid: str, model_ref: Any) -> None:
@@ -71,7 +73,7 @@ class _Copier:
         self.copies, self.idle_s = 0, PRESTART_WAIT_S if model_ref.gpu_copiers else COPIER_LINGER_S
         self.last = time.monotonic()
         self.lock = threading.Lock()  # a copy and the unpinning never overlap
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._watch_every(1.0)
 
     def ready(self) -> int:
         """How many loads it has filled (an answer means it is up)."""
@@ -95,28 +97,22 @@ class _Copier:
                     return True
         return False
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
-            lost = weights_lost(self.refs)  # (the job that prepared the model ended: no load will come)
-            with self.lock:
-                if not lost and time.monotonic() - self.last < self.idle_s:
-                    continue
-                for _, _, _, addr in self.ranges:
-                    _cuda.unpin_host(addr)
-                self.held = None  # (the objects may go now)
-            ray.get_runtime_context().current_actor.shutdown.remote()
-            return
-
-    def shutdown(self) -> None:
-        ray.actor.exit_actor()
+    def _let_go(self) -> bool:
+        lost = weights_lost(self.refs)  # (the job that prepared the model ended: no load will come)
+        with self.lock:
+            if not lost and time.monotonic() - self.last < self.idle_s:
+                return False
+            for _, _, _, addr in self.ranges:
+                _cuda.unpin_host(addr)
+            self.held = None  # (the objects may go now)
+        return True
 
 
 def weights_lost(refs: list[Any]) -> bool:
     """True once the objects' owner is gone (the driver that prepared them ended, or the owner actor of
     ``node=``). A copier then exits at once instead of holding them until it is idle. It asks the owner
     where the objects are: a ``ray.get`` here would not tell, the copier holds them in the store (a local
-    hit, also after the owner died: on the H200 such a copier outlived its preparer)."""
+    hit, also after the owner died: such a copier outlived its preparer)."""
     for _ in range(2):  # (two failed lookups a second apart: not a one-off RPC failure)
         try:
             if get_object_locations(refs[:1], timeout_ms=10_000):
@@ -164,7 +160,7 @@ def copier_source(model_ref: Any, device: torch.device) -> Any:
     does not use copiers): a function that has this GPU's copier of the model fill a device buffer. Used with
     the copier route, or for a model prepared with ``gpu_copiers=True`` unless the route is set to staged or
     plain. The copier is looked up in a thread while the load fetches the payload (a fresh actor's first
-    lookup and call took 10-13 ms on the H200); the load copies by itself where there is none ready (one is
+    lookup and call take milliseconds); the load copies by itself where there is none ready (one is
     started if there is none), and a load of a ``gpu_copiers`` model waits for one that is still starting
     about as long as copying alone would take (``RING_GBPS``)."""
     route = _cuda.current_route()
@@ -202,8 +198,8 @@ def _ready_copier(model_ref: Any, device: torch.device, uuid: str, wait_s: float
 def start_copiers(model_ref: Any) -> int:
     """Start ``model_ref``'s copier on every GPU of every alive node that has GPUs (one task per node lists
     its GPUs' UUIDs with ``nvidia-smi`` and starts them there); returns once they are up (they pinned the
-    weights), with how many are. A fresh actor's first load then finds its copier ready: on the H200, with
-    prepare returning at once, the first fresh actor loaded before its copier was up (169 ms, the ring)."""
+    weights), with how many are. A fresh actor's first load then finds its copier ready (with prepare
+    returning at once, the first fresh actor loaded before its copier was up, through the slower ring)."""
     tasks = [_start_copiers_here.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(model_ref)
         for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0]

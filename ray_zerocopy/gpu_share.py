@@ -1,5 +1,5 @@
 """Per-GPU holder of a model: one device copy that every actor on a GPU maps (``share_gpu``). The
-per-GPU copier (opt-in) is in ``gpu_copier.py``; both are detached actors started by :func:`start_detached`.
+per-GPU copier (opt-in) is in ``gpu_copier.py``; both are detached actors (``_detached.py``).
 
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
 starts a small holder actor for that model and GPU, which copies the weights from the object
@@ -31,15 +31,15 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ray_zerocopy._detached import Detached, start_detached
 from ray_zerocopy._tensors import cast_floating
+from ray_zerocopy.backend import dtype_name
 
-NAMESPACE = "ray_zerocopy"
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
 READY_WAIT_S = 0.02  # how long a load waits for an existing holder or copier to answer before it goes on alone
-# (a fresh actor's first call to an up one: get_actor 2.7 ms + call 4 ms on a 2-core machine)
+# (a fresh actor's first call to one that is up takes milliseconds)
 
 
 def gpu_uuid(device: torch.device) -> str:
@@ -48,7 +48,7 @@ def gpu_uuid(device: torch.device) -> str:
 
 
 @ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)
-class _Holder:
+class _Holder(Detached):
     """Holds one model's weights on one GPU and hands out CUDA IPC handles to them."""
 
     def __init__(self, uuid: str, model_ref: Any, dtype: torch.dtype | None) -> None:
@@ -70,7 +70,7 @@ class _Holder:
         self.users: dict[int, int] = {}  # pid -> models of that process that map this memory
         self.idle_since = time.monotonic()
         self.lock = threading.Lock()
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._watch_every(0.5)
 
     def _fetch(self) -> dict[str, torch.Tensor]:
         tensors = self.backend.get(self.ref.payload, torch.device("cuda", 0))
@@ -100,37 +100,18 @@ class _Holder:
             t.copy_(fresh[name])
         torch.cuda.synchronize()
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(0.5)
-            with self.lock:
-                alive = {pid: n for pid, n in self.users.items() if _alive(pid)}
-                if alive != self.users:
-                    self.users = alive
-                    self.idle_since = time.monotonic()
-                if self.users or time.monotonic() - self.idle_since < LINGER_S:
-                    continue
-                self.tensors = None  # no user for LINGER_S: give the memory back, then go
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            ray.get_runtime_context().current_actor.shutdown.remote()  # ends it in its own thread
-            return
-
-    def shutdown(self) -> None:
-        ray.actor.exit_actor()  # a detached actor ends itself; Ray frees its name for the next holder
-
-
-def start_detached(cls: Any, name: str, *args: Any) -> tuple[Any, bool]:
-    """The detached actor ``name`` (of ``cls``, on this node), and whether it was started now (or existed)."""
-    try:
-        return ray.get_actor(name, namespace=NAMESPACE), False
-    except ValueError:
-        pass
-    node = ray.get_runtime_context().get_node_id()
-    return cls.options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",  # (two may start it at once)
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(*args), True
+    def _let_go(self) -> bool:
+        with self.lock:
+            alive = {pid: n for pid, n in self.users.items() if _alive(pid)}
+            if alive != self.users:
+                self.users = alive
+                self.idle_since = time.monotonic()
+            if self.users or time.monotonic() - self.idle_since < LINGER_S:
+                return False
+            self.tensors = None  # no user for LINGER_S: give the memory back, then go
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return True
 
 
 def _alive(pid: int) -> bool:
@@ -144,7 +125,8 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(model_ref: Any, uuid: str, dtype: torch.dtype | None) -> tuple[Any, bool]:
-    return start_detached(_Holder, f"rzc-{model_ref.uid}-{uuid}-{str(dtype).removeprefix('torch.')}", uuid, model_ref, dtype)
+    name = f"rzc-{model_ref.uid}-{uuid}-{dtype_name(dtype) if dtype is not None else None}"
+    return start_detached(_Holder, name, uuid, model_ref, dtype)
 
 
 class Attach:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ray_zerocopy.backend import dtype_from_name
+from ray_zerocopy.errors import CheckpointError
 from ray_zerocopy.model_ref import ModelRef
 from ray_zerocopy.plugins import DEFAULT_BACKEND
 from ray_zerocopy.prepare import prepare_model_for_actors
@@ -34,7 +36,7 @@ def build_skeleton(path: str | os.PathLike, model_class: Any = None, *, dtype: t
 
     Raises:
         ImportError: transformers or accelerate is not installed.
-        ValueError: no ``model_class`` given and the config names no architecture transformers has.
+        CheckpointError: no ``model_class`` given and the config names no architecture transformers has.
 
     Example:
         >>> skeleton = build_skeleton("llama/", AutoModelForCausalLM)  # doctest: +SKIP
@@ -43,7 +45,7 @@ def build_skeleton(path: str | os.PathLike, model_class: Any = None, *, dtype: t
     from accelerate import init_empty_weights
 
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model_class = model_class or _class_of(config)
+    model_class = model_class or _class_of(config, path)
     dtype = dtype or _config_dtype(config)
     with init_empty_weights():
         if hasattr(model_class, "from_config"):  # an Auto class
@@ -54,21 +56,24 @@ def build_skeleton(path: str | os.PathLike, model_class: Any = None, *, dtype: t
     return model.eval()
 
 
-def _class_of(config: Any) -> Any:
+def _class_of(config: Any, path: str | os.PathLike) -> Any:
     import transformers
 
     names = getattr(config, "architectures", None) or []
     found = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
     if not found:
-        raise ValueError(f"config.architectures={names!r} names no class of transformers "
-                         f"{transformers.__version__}. Fix: pass model_class= (e.g. AutoModelForCausalLM).")
+        raise CheckpointError(path, f"config.architectures={names!r} names no class of transformers "
+                              f"{transformers.__version__}", "pass model_class= (e.g. AutoModelForCausalLM)")
     return found[0]
 
 
 def _config_dtype(config: Any) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+        try:
+            dtype = dtype_from_name(dtype)
+        except ValueError:  # ("auto", or a name this torch lacks)
+            dtype = None
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 

@@ -24,7 +24,6 @@ referenced, and its keeper waits up to ``FIRST_USE_S`` for the first replica.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -32,12 +31,14 @@ from typing import Any
 
 import ray
 
-NAMESPACE = "ray_zerocopy"
+from ray_zerocopy._detached import NAMESPACE, Detached, start_detached
+from ray_zerocopy._env import env_number
+
 POLL_S = 1.0
 SERVE_REPLICA = "SERVE_REPLICA::"  # Serve names a replica actor SERVE_REPLICA::<app>#<deployment>#<id>
 REPLICA_START_S = 60.0  # a replica that has not loaded the model this long after it appeared does not use it
 GRACE_S = 5.0  # a new keeper waits this long for its first pin before it may exit
-FIRST_USE_S = float(os.environ.get("RAY_ZEROCOPY_KEEPER_FIRST_USE_S") or 600.0)  # pinned from a task: its users come later
+FIRST_USE_S = env_number("RAY_ZEROCOPY_KEEPER_FIRST_USE_S", 600.0)  # pinned from a task: its users come later
 
 _kept: dict[str, Any] = {}  # uid -> keeper handle, for the ModelRefs this process pinned
 _lock = threading.Lock()
@@ -48,7 +49,7 @@ def keeper_name(uid: str) -> str:
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
-class _Keeper:
+class _Keeper(Detached):
     """Holds one ModelRef while a pinning process or a user actor needs it, then exits."""
 
     def __init__(self, model_ref: Any, grace_s: float) -> None:
@@ -58,7 +59,7 @@ class _Keeper:
         self.seen: dict[str, float] = {}  # Serve replica actor name -> when this keeper first saw it
         self.lock = threading.Lock()
         self.started = time.monotonic()
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._watch_every(POLL_S)
 
     def pin(self, delta: int, actor_id: str | None = None) -> int:
         """A process that pickled the ModelRef holds it: an actor counts as a user (until it dies)."""
@@ -83,23 +84,20 @@ class _Keeper:
         with self.lock:
             return {"pins": self.pins, "users": sorted(self.users)}
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(POLL_S)
-            users = {a for a in list(self.users) if _actor_alive(a)}
-            with self.lock:
-                self.users &= users
-                if self.pins > 0 or self.users or time.monotonic() - self.started < self.grace_s:
-                    continue
-                deployments = set(self.deployments)
-            if self._restarting(deployments):
-                continue
-            with self.lock:
-                if self.pins > 0 or self.users:  # (one came meanwhile)
-                    continue
-                self.ref = None  # the last reference this keeper holds: the weights can go
-            ray.get_runtime_context().current_actor.shutdown.remote()  # exit_actor works only in a method
-            return
+    def _let_go(self) -> bool:
+        users = {a for a in list(self.users) if _actor_alive(a)}
+        with self.lock:
+            self.users &= users
+            if self.pins > 0 or self.users or time.monotonic() - self.started < self.grace_s:
+                return False
+            deployments = set(self.deployments)
+        if self._restarting(deployments):
+            return False
+        with self.lock:
+            if self.pins > 0 or self.users:  # (one came meanwhile)
+                return False
+            self.ref = None  # the last reference this keeper holds: the weights can go
+        return True
 
     def _restarting(self, deployments: set[tuple[str, str]]) -> bool:
         """True while one of these Serve deployments still exists and its replicas may yet load the model:
@@ -127,10 +125,6 @@ class _Keeper:
                     return True
         return False
 
-    def shutdown(self) -> None:
-        ray.actor.exit_actor()
-
-
 def _actor_alive(actor_id: str) -> bool:
     try:
         info = ray._private.state.actors(actor_id=actor_id)
@@ -154,9 +148,8 @@ def keep(model_ref: Any) -> str:
         if key not in _kept:
             actor_id = ray.get_runtime_context().get_actor_id()  # a replica that pickles its args again
             in_task = actor_id is None and ray._private.worker.global_worker.mode == ray.WORKER_MODE
-            keeper = _Keeper.options(  # type: ignore[attr-defined]  # (ray.remote made it an ActorClass)
-                name=keeper_name(key), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-            ).remote(model_ref, FIRST_USE_S if in_task else GRACE_S)  # (a task: Serve's build of a config deploy)
+            keeper, _ = start_detached(_Keeper, keeper_name(key), model_ref, FIRST_USE_S if in_task else GRACE_S,
+                                       on_this_node=False)  # (a task: Serve's build of a config deploy)
             ray.get(keeper.pin.remote(1, actor_id))
             _kept[key] = keeper
             if actor_id is None:  # (an actor stops counting when it dies: its finalizer may never run)

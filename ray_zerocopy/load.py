@@ -323,7 +323,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise DeviceError(device, f"not a device name ({exc})") from None
+        raise DeviceError(device, f"not a device name ({exc})", "pass 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
         if not torch.cuda.is_available():

@@ -25,7 +25,7 @@ import torch
 
 from ray_zerocopy import hookspecs
 from ray_zerocopy.backend import Backend
-from ray_zerocopy.errors import BackendArgumentError, DuplicateBackendError, UnknownBackendError
+from ray_zerocopy.errors import BackendArgumentError, DuplicateBackendError, InvalidRegistrationError, UnknownBackendError
 from ray_zerocopy.tensor_adapters import TensorAdapter, WrapperSubclassAdapter
 
 DISABLE_AUTOLOAD_ENV = "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"
@@ -176,10 +176,7 @@ def _call_hook(impl: pluggy.HookImpl, dist: str) -> list[BackendInfo]:
 
     def register(cls: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Backend)) or not getattr(cls, "name", None):
-            raise TypeError(
-                f"plugin {impl.plugin_name!r} registered {cls!r}: expected a ray_zerocopy.Backend subclass "
-                "with a `name`. Fix: subclass ray_zerocopy.Backend and set name = '...'."
-            )
+            raise InvalidRegistrationError(impl.plugin_name, cls)
         if any(info.name == cls.name for info in new):
             raise DuplicateBackendError(cls.name, impl.plugin_name, impl.plugin_name)
         new.append(BackendInfo(cls.name, cls, impl.plugin_name, dist))
@@ -203,9 +200,7 @@ def tensor_adapters() -> list[TensorAdapter]:
                     impl.function(register=new.append)
                     for cls in new:
                         if not (isinstance(cls, type) and issubclass(cls, TensorAdapter)) or not getattr(cls, "name", None):
-                            raise TypeError(
-                                f"plugin {impl.plugin_name!r} registered {cls!r}: expected a ray_zerocopy.TensorAdapter "
-                                "subclass with a `name`. Fix: subclass ray_zerocopy.TensorAdapter and set name = '...'.")
+                            raise InvalidRegistrationError(impl.plugin_name, cls, "TensorAdapter")
                 except Exception as exc:
                     if id(impl.plugin) not in _entry_points:  # a built-in, or registered by hand: the caller's error
                         raise

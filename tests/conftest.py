@@ -1,6 +1,6 @@
 """Shared fixtures: one local Ray for the session, and every registered backend as a parameter.
 
-Tiers (see the README's "Development" part):
+Tiers (see docs/development.md):
 - unit tests (``@pytest.mark.unit``): no Ray at all, seconds; ``pytest -m unit``.
 - per backend: a test that takes the ``backend`` fixture runs once per registered backend. Only the
   conformance kit (test_conformance.py) and tests about how a backend differs (the GPU paths, in-place
@@ -81,9 +81,19 @@ RAY_FIXTURES = {"ray_session", "ray_local", "ray_gpu"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpus: int | None = None
     for item in items:
         if item.get_closest_marker("unit") and RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} is marked unit but uses a Ray fixture")
+        if (gpu := item.get_closest_marker("gpu")) is not None:  # the one GPU marker: gpu, or gpu(count=2)
+            if gpus is None:
+                import torch
+
+                gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            need = gpu.kwargs.get("count", 1)
+            if gpus < need:
+                item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA device(s), {gpus} visible here; "
+                                                        "GPU tests run on a GPU machine"))
 
 
 def start_local_ray() -> None:

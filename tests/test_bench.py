@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ray_zerocopy.bench import main, parse_options
 from ray_zerocopy.plugins import backend_names, get_backend
@@ -114,7 +113,7 @@ def test_selection_keeps_table_order_and_expands_ours() -> None:
 CONTEXT_GROWTH = 160 << 20
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible; runs on a GPU machine")
+@pytest.mark.gpu
 @pytest.mark.parametrize("share_gpu", [False, True])
 def test_four_actors_load_together_on_one_gpu(tmp_path: Path, share_gpu: bool) -> None:
     """``--device cuda --together``: 4 actors on one GPU (num_gpus=0.25) load at the same moment, private

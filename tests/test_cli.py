@@ -76,3 +76,27 @@ def test_bench_help_shows_the_bench_options():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--model" in out.stdout and "--approaches" in out.stdout and "--device" in out.stdout
+    # what the benchmark does, in a user's words: not a developer's docstring, no reST markup
+    description = out.stdout.split("options:")[0]
+    assert "Compare ray_zerocopy with" in description and "ray.put(model)" in description, description
+    assert "``" not in out.stdout and "cli.py" not in out.stdout and "examples:" in out.stdout
+
+
+@pytest.mark.unit
+def test_every_bench_option_has_help():
+    import argparse
+
+    from ray_zerocopy.bench.options import _parser
+
+    undocumented = [a.option_strings for a in _parser()._actions if not a.help and a.help != argparse.SUPPRESS]
+    assert undocumented == []
+
+
+@pytest.mark.unit
+def test_top_level_help_names_each_command_in_plain_text():
+    out = subprocess.run([sys.executable, "-m", "ray_zerocopy", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "``" not in out.stdout and ":func:" not in out.stdout, out.stdout
+    lines = out.stdout.splitlines()
+    for command, words in (("backends", "list the weight transports"), ("bench", "compare ray_zerocopy")):
+        assert any(line.split()[:1] == [command] and words in line for line in lines), out.stdout

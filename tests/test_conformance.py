@@ -28,7 +28,7 @@ def test_backend_passes_the_conformance_kit(ray_local, backend):
     assert len(passed) == 1 + len(KIT_MODELS) + len(GENERIC_BAD_PAYLOADS)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible; runs on a GPU machine")
+@pytest.mark.gpu
 def test_backend_passes_the_conformance_kit_on_gpu(ray_local, backend):
     assert check_backend(backend, device="cuda")[0] == "dtype round trip"
 

@@ -62,13 +62,14 @@ def test_format_version_mismatch(ref):
         ray.get(_load.remote(dataclasses.replace(ref, format_version=99)))
 
 
-@pytest.mark.parametrize("device, reason", [
-    ("cuda", "no CUDA device is visible"), ("cuda:3", "no CUDA device"), ("banana", "not a device name"),
+@pytest.mark.parametrize("device, reason, fix", [
+    ("cuda", "no CUDA device is visible", "num_gpus"), ("cuda:3", "no CUDA device", "num_gpus"),
+    ("banana", "not a device name", "pass 'cpu', 'cuda' or 'cuda:N'"),  # (a typo: asking Ray for a GPU would not help)
 ])
-def test_device_that_does_not_exist_on_the_actor(ref, device, reason):
+def test_device_that_does_not_exist_on_the_actor(ref, device, reason, fix):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(DeviceError, match=f"{reason}.*num_gpus"):
+    with pytest.raises(DeviceError, match=f"{reason}.*{fix}"):
         ray.get(_load.remote(ref, device=device))
 
 

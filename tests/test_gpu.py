@@ -1,6 +1,6 @@
-"""GPU loading (issue 5): every transport onto the actor's own GPU, the fast host-to-device path, dtype=.
+"""GPU loading: every transport onto the actor's own GPU, the fast host-to-device path, dtype=.
 
-Tests marked ``needs_cuda`` skip where no CUDA device is visible (CI has none); they run on a
+Tests marked ``gpu`` skip where no CUDA device is visible (CI has none); they run on a
 GPU machine with a real Ray. The dtype tests at the end need no GPU and run everywhere.
 """
 
@@ -21,14 +21,8 @@ from ray_zerocopy import (
     quiet_readonly,
     rewrite_pipeline_for_actors,
 )
-from ray_zerocopy.errors import DeviceError, LoadDtypeError
+from ray_zerocopy.errors import DeviceError, EnvVarError, LoadDtypeError
 from ray_zerocopy.testing import unique_tensors, zoo_input, zoo_model
-
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(
-    not HAS_CUDA,
-    reason="no CUDA device visible (torch.cuda.is_available() is False); GPU tests run only on a GPU machine",
-)
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def _store_buffer(nbytes: int) -> tuple[ray.ObjectRef, torch.Tensor]:
         return ref, torch.from_numpy(ray.get(ref))
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("route", ["auto", "copier", "staged", "plain"])  # (copier: no copier set here, so staged)
 @pytest.mark.parametrize("nbytes", [0, 4099, (9 << 20) + 123, (37 << 20) + 5])
 def test_copy_routes_are_byte_exact(ray_gpu, route, nbytes, caplog):
@@ -70,7 +64,7 @@ def test_copy_routes_are_byte_exact(ray_gpu, route, nbytes, caplog):
     assert not caplog.records, "a fast route fell back on Ray's shared memory: " + caplog.text
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_ring_that_cannot_be_pinned_falls_back_cleanly(ray_gpu, caplog, monkeypatch):
     """cudaHostRegister refuses the ring (here: a flag CUDA rejects): one log line, torch's pinned memory
     instead, an exact copy, and no CUDA error left behind."""
@@ -89,7 +83,7 @@ def test_ring_that_cannot_be_pinned_falls_back_cleanly(ray_gpu, caplog, monkeypa
     assert torch.ones(8, device="cuda").mul(2).sum().item() == 16  # the next CUDA operation works
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_staging_ring_is_kept_for_the_next_load_and_let_go_when_settings_change(ray_gpu):
     """The pinned staging ring stays pinned for the process's next copy (same settings: the same
     ring); other settings replace it, and the old one is unpinned."""
@@ -110,13 +104,13 @@ def test_staging_ring_is_kept_for_the_next_load_and_let_go_when_settings_change(
 
 
 @pytest.mark.unit
-@needs_cuda
+@pytest.mark.gpu
 def test_copy_rejects_non_byte_buffers():
     from ray_zerocopy._cuda import copy_to_device
 
     with pytest.raises(ValueError, match="1-D uint8 CPU tensor"):
         copy_to_device(torch.zeros(4), torch.device("cuda"))
-    with pytest.raises(ValueError, match="unknown host-to-device route 'fast'"):
+    with pytest.raises(EnvVarError, match="unknown host-to-device route 'fast'"):
         copy_to_device(torch.zeros(4, dtype=torch.uint8), torch.device("cuda"), route="fast")
 
 
@@ -162,7 +156,7 @@ class GpuLoader:
         return "no error"
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_every_backend_loads_onto_the_actors_gpu(ray_gpu, backend):
     """All dtypes, buffers (non-persistent too), ties, strides, on cuda:<the actor's own GPU>."""
     ref = prepare_model_for_actors(zoo_model("hard_cases"), backend=backend)
@@ -185,7 +179,7 @@ def test_every_backend_loads_onto_the_actors_gpu(ray_gpu, backend):
     assert "cuda:1" in bad and "CUDA_VISIBLE_DEVICES" in bad
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dtype_converts_on_the_gpu(ray_gpu, backend, dtype):
     """Stored float32: floating tensors arrive as `dtype`, integers and bools untouched, ties kept,
@@ -223,7 +217,7 @@ def _reference_outputs(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
         return model.cuda()(torch.as_tensor(ids).cuda()).cpu().numpy()
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_ray_data_map_batches_with_gpu_actors(ray_gpu, backend):
     model = zoo_model("hard_cases")
     ids = np.random.default_rng(0).integers(0, 50, size=(24, 8))

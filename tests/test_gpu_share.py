@@ -1,4 +1,4 @@
-"""Several actors on one GPU share one device copy (issue 7): share_gpu=True, CUDA IPC, holder lifetimes.
+"""Several actors on one GPU share one device copy: share_gpu=True, CUDA IPC, holder lifetimes.
 
 The CUDA tests skip where no CUDA device is visible (CI has none) and run on a GPU machine with a
 real Ray; the two-GPU test needs two. The CPU fallback test runs everywhere.
@@ -24,10 +24,9 @@ from ray_zerocopy import (
     rewrite_pipeline_for_actors,
 )
 from ray_zerocopy._cuda import ROUTE_ENV
-from ray_zerocopy.gpu_share import NAMESPACE
+from ray_zerocopy._detached import NAMESPACE
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-needs_cuda = pytest.mark.skipif(GPUS < 1, reason="no CUDA device visible; GPU tests run only on a GPU machine")
 LAYERS, WIDTH = 16, 4096  # 16 x 64 MiB fp32 = 1 GiB of weights
 
 
@@ -111,7 +110,17 @@ def _wait(condition, timeout_s: float = 30.0) -> bool:
     return condition()
 
 
-@needs_cuda
+def _stays(condition, duration_s: float) -> bool:
+    """Whether ``condition`` holds throughout ``duration_s`` (checked every 0.1 s; False at its first miss)."""
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.gpu
 def test_four_actors_on_one_gpu_share_one_copy(ray_gpu, capsys):
     model = _big_model()
     nbytes = sum(p.nbytes for p in model.parameters())
@@ -154,7 +163,7 @@ def _four_share(actors, ref, model, nbytes, x, capsys):
     assert all(torch.equal(o, outs[0]) for o in ray.get([a.run.remote(x) for a in actors[1:]]))
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_first_load_copies_at_once_then_moves_onto_the_holder(ray_gpu):
     """The first actor on a GPU does not wait seconds for the holder to start: it loads a copy of its own,
     and moves onto the holder's copy (freeing its own) once the holder is up; outputs never change."""
@@ -194,7 +203,7 @@ def _same_outputs_as(model: nn.Module, x: torch.Tensor, *actors) -> None:
         torch.testing.assert_close(ray.get(a.run.remote(x)), expected, rtol=1e-3, atol=1e-3)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
     """With the copier route, the first private load on a GPU starts the model's copier there; later loads
     get their bytes from it (one DMA from its pinned pages), with the same outputs; it goes after
@@ -222,7 +231,7 @@ def test_later_loads_on_a_gpu_are_filled_by_its_copier(ray_gpu, backend):
     assert _wait(lambda: _copier(ref, uuid) is None, COPIER_LINGER_S + 15)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
     """``gpu_copiers=True``: prepare starts the model's copier on this GPU (no load needed, no route set),
     and a fresh actor's first load is filled by it (one DMA), with the same outputs; ``staged`` opts out."""
@@ -254,7 +263,7 @@ def test_copiers_started_at_prepare_fill_first_loads(ray_gpu, backend):
     assert stop_copiers() == 2 * one_buffer and _copier(ref, uuid) is None
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_copiers_exit_when_the_preparer_dies(ray_gpu):
     """A copier started by prepare leaves once the process that prepared the model (the weights' owner) is
     gone, not after its 300 s idle limit."""
@@ -273,7 +282,7 @@ def test_copiers_exit_when_the_preparer_dies(ray_gpu):
     assert _wait(lambda: _copier(ref, uuid) is None, 60), "the copier outlived the weights' owner"
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_pipeline_gpu_copiers_start_one_per_model(ray_gpu):
     """``rewrite_pipeline_for_actors(..., gpu_copiers=True)``: prepare starts a copier for each of the
     pipeline's models, and the pipeline loads on the GPU through them."""
@@ -374,7 +383,7 @@ def test_store_ranges_cover_every_array_at_its_address(ray_local):
         assert len(inside) == 1 and inside[0][1] + offset - inside[0][0] == arr.ctypes.data
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_private_copy_control_grows_by_the_model(ray_gpu):
     """The control for the test above: without share_gpu each actor copies the whole model."""
     model = _big_model()
@@ -389,7 +398,7 @@ def test_private_copy_control_grows_by_the_model(ray_gpu):
         ray.kill(a)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_write_into_shared_copy_is_reported_and_undone(ray_gpu, backend):
     model = _big_model()[:2]
     ref = prepare_model_for_actors(model, backend=backend)
@@ -406,7 +415,7 @@ def test_write_into_shared_copy_is_reported_and_undone(ray_gpu, backend):
     assert _wait(lambda: not _holders())
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_a_write_before_the_move_is_reported_and_undone(ray_gpu):
     """A first actor writes into its own copy while the holder still starts: the error comes as for a shared
     copy, and the model then runs on the stored weights (the move does not keep or refuse the written copy)."""
@@ -426,7 +435,7 @@ def test_a_write_before_the_move_is_reported_and_undone(ray_gpu):
     assert _wait(lambda: not _holders())
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_a_model_that_writes_a_buffer_in_forward_shares_its_parameters(ray_gpu):
     """Phi-3 LongRoPE copies a new inv_freq into its buffer on every forward: buffers are private to
     each actor, so it runs; the parameters stay shared (and guarded)."""
@@ -447,7 +456,7 @@ def test_a_model_that_writes_a_buffer_in_forward_shares_its_parameters(ray_gpu):
     assert _wait(lambda: not _holders())
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_holder_lives_while_any_model_maps_it_then_goes(ray_gpu):
     from ray_zerocopy.gpu_share import LINGER_S
 
@@ -457,8 +466,8 @@ def test_holder_lives_while_any_model_maps_it_then_goes(ray_gpu):
     ray.get([a.load.remote(ref), a.load_second.remote(ref)])  # two models of one process on one holder
     expected = ray.get(a.run.remote(x))
     ray.get(a.drop.remote("model"))  # one goes, the other still maps the memory
-    time.sleep(LINGER_S + 1.5)
-    assert len(_holders()) == 1 and torch.equal(ray.get(a.run_second.remote(x)), expected)
+    assert _stays(lambda: len(_holders()) == 1, LINGER_S + 1.5)  # (past the holder's linger: one user is left)
+    assert torch.equal(ray.get(a.run_second.remote(x)), expected)
     ray.get(a.drop.remote("second"))  # the actor lives on without any model
     assert _wait(lambda: not _holders())
     ray.kill(a)
@@ -474,7 +483,7 @@ class SharedPredictor:
         return {"row": batch["row"], "out": out}
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_ray_data_actor_pool_on_one_gpu(ray_gpu):
     model = _big_model()[:4]
     xs = np.random.default_rng(0).standard_normal((32, WIDTH)).astype(np.float32)
@@ -489,7 +498,7 @@ def test_ray_data_actor_pool_on_one_gpu(ray_gpu):
     assert _wait(lambda: not _holders())
 
 
-@pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
+@pytest.mark.gpu(count=2)
 def test_actors_on_two_gpus_get_one_copy_per_gpu(ray_gpu):
     ref = prepare_model_for_actors(_big_model()[:2])
     actors = [Sharer.options(num_gpus=0.5).remote() for _ in range(4)]

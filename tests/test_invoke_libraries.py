@@ -1,5 +1,5 @@
 """Task mode on library objects: a transformers pipeline and a diffusers pipeline through rewrite_pipeline,
-and the shim's contract (issue 13): only methods the model has, checked in the driver, typed errors."""
+and the shim's contract: only methods the model has, checked in the driver, typed errors."""
 
 from __future__ import annotations
 

@@ -10,11 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ray_zerocopy"
 
 
 def _modules() -> dict[str, Path]:
-    files = set(PACKAGE.rglob("*.py")) | set((PACKAGE / "backends").glob("*.py"))  # (backends is a symlink)
     out = {}
-    for path in files:
+    for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         out[".".join(parts).removesuffix(".__init__")] = path
+    for path in (PACKAGE.parent / "backends").glob("*.py"):  # (installed as ray_zerocopy.backends)
+        out[f"ray_zerocopy.backends.{path.stem}".removesuffix(".__init__")] = path
     return out
 
 

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from ray_zerocopy._tensors import view_key
+from ray_zerocopy.backend import dtype_from_name
 
 # ---------------------------------------------------------------- models
 
@@ -118,7 +119,7 @@ def build_model(spec: ModelSpec, meta: bool = False) -> torch.nn.Module:
         model.tie_weights()
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(_fill, enumerate(model.named_parameters())))
-    model = model.to(getattr(torch, spec.dtype)).eval().requires_grad_(False)
+    model = model.to(dtype_from_name(spec.dtype)).eval().requires_grad_(False)
     return model if meta or spec.quantize == "none" else quantize_model(model, spec.quantize)
 
 
@@ -192,7 +193,7 @@ def all_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in named}
 
 
-def unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(first name -> contiguous tensor, alias -> first name): what a format without sharing can store
     (a quantized tensor: the plain tensors it is stored as)."""
     from ray_zerocopy._tensors import flat_tensors
@@ -249,8 +250,8 @@ class Prepared:
 
 
 def _moved(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """``model.to(device)`` where it moves something: on the CPU that walk alone costs a bert-base
-    ~2-5 ms, which the alternatives' users would not pay (they call it for a GPU only)."""
+    """``model.to(device)`` where it moves something: on the CPU that walk alone costs milliseconds,
+    which the alternatives' users would not pay (they call it for a GPU only)."""
     return model if device == "cpu" else model.to(device)
 
 
@@ -350,7 +351,7 @@ def _prepare_safetensors(model: torch.nn.Module, workdir: str) -> Prepared:
     from safetensors.torch import save_file
 
     path = os.path.join(workdir, "model.safetensors")
-    unique, aliases = unique_tensors(model)  # save_file refuses shared tensors: store ties once
+    unique, aliases = dedupe_tensors(model)  # save_file refuses shared tensors: store ties once
     save_file(unique, path)
     return Prepared((path, aliases), files=[path])
 

@@ -44,9 +44,9 @@ from ray_zerocopy.bench.approaches import (
     Prepared,
     all_tensors,
     build_model,
+    dedupe_tensors,
     get_approach,
     load_torch_file,
-    unique_tensors,
 )
 from ray_zerocopy.bench.options import Options, parse_options
 from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, more_loads, object_bytes
@@ -76,8 +76,8 @@ def _start_ray(opts: Options, model_bytes: int) -> float:
     store = max(512 * 2**20, int(2.5 * model_bytes) + 256 * 2**20)
     ray.init(address="local", num_cpus=max(8, opts.actors), object_store_memory=store,
              include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    # A fresh store's first put faults its pages in (5.1 s for 4.24 GB on a 2-core VM, 0.5 s once they
-    # are resident): done once here, so that no approach pays it for the ones after it.
+    # A fresh store's first put faults its pages in (seconds for a few GB, ten times less once they are
+    # resident): done once here, so that no approach pays it for the ones after it.
     t0 = time.perf_counter()
     ray.put(np.zeros(model_bytes, dtype=np.uint8))  # (freed at once; zeros take no driver memory)
     return time.perf_counter() - t0
@@ -262,7 +262,7 @@ def _child_main(opts: Options) -> int:
     """The second driver: the parent's exact weights, loaded from its tensors file, through ray_native."""
     reference = os.path.join(opts.args.child_workdir, "reference.pt")
     model = load_torch_file(opts.spec, reference, mmap=False)
-    model_bytes = sum(t.nbytes for t in unique_tensors(model)[0].values())
+    model_bytes = sum(t.nbytes for t in dedupe_tensors(model)[0].values())
     _start_ray(opts, model_bytes)
     try:
         res = run_approach(NATIVE, model, opts, Context(opts.args.child_workdir, reference, model_bytes))
@@ -293,7 +293,7 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run every selected approach on one model; return (meta, results in table order)."""
     progress(f"building {opts.spec.name} ({opts.spec.dtype})")
     model = build_model(opts.spec)
-    unique = unique_tensors(model)[0]
+    unique = dedupe_tensors(model)[0]
     meta = _meta(opts, unique)
     del unique
     progress(f"model: {meta['model_bytes'] / 1e6:.1f} MB in {meta['tensors']} unique tensors; "

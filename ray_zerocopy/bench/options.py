@@ -8,6 +8,26 @@ from dataclasses import dataclass
 from ray_zerocopy.bench.approaches import CKPT_PREFIX, OTHERS, OURS_PREFIX, PRESETS, QUANTIZE, ModelSpec, make_spec
 from ray_zerocopy.bench.probe import FAST_S
 
+DESCRIPTION = """\
+Compare ray_zerocopy with the usual ways of giving N Ray actors one PyTorch model, side by side in one run.
+
+On one model (bert-base or a GPT-2 shape, built from a config with random weights) it runs every
+registered transport of ray_zerocopy, plain ray.put(model), Ray's RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1,
+the classic numpy recipe, and state-dict files loaded in each actor (torch.load, torch.load(mmap=True),
+safetensors). For each it measures the driver's prepare time and memory, the load time in fresh actors
+(cold) and again in the same actors (warm), the node's memory with N actors holding the model, and
+whether every output matches the original weights; with --device cuda also host-to-device GB/s.
+It prints a table (progress goes to stderr) and can write JSON and a PNG chart.
+"""
+EPILOG = """\
+examples:
+  python -m ray_zerocopy bench                                 # bert-base, 4 actors, every approach
+  python -m ray_zerocopy bench --model gpt2-small --actors 2 --json out.json --png out.png
+  python -m ray_zerocopy bench --device cuda --approaches ours,ray_put --together
+
+docs/benchmarks.md lists measured figures with the command that produced each.
+"""
+
 
 @dataclass
 class Options:
@@ -23,12 +43,13 @@ class Options:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_zerocopy bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ray_zerocopy bench", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-base", choices=list(PRESETS), help="model shape (default bert-base)")
     p.add_argument("--layers", type=int, help="override the number of transformer layers")
     p.add_argument("--hidden", type=int, help="override the hidden size (a multiple of 64; heads = hidden/64)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model's weights (default float32)")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
                    help="quantize the model's linear layers in the driver first (a BERT preset: GPT-2's layers are "
                         "Conv1D); compared with ray_put (each actor its own quantized copy), the only alternative "
