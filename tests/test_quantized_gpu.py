@@ -18,7 +18,6 @@ from ray_zerocopy import load_model_in_actor, prepare_model_for_actors, update_m
 from ray_zerocopy.plugins import tensor_adapters
 
 warnings.filterwarnings("ignore", module="torchao|bitsandbytes|optimum")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible; GPU tests run on a GPU machine")
 
 
 def _recipes() -> dict[str, Callable[[float], torch.nn.Module]]:
@@ -94,7 +93,7 @@ class GpuReplica:
         return wait_shared(self.model, 120)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["bnb-nf4", "bnb-8bit", "torchao-int8", "quanto-qint4"])
 def test_quantized_on_the_gpu_load_share_and_update(ray_local, recipe):
     from test_quantized import IDS

@@ -1,6 +1,6 @@
 """Live weight updates on a GPU (issue 30): the new bytes are copied into the existing device tensors.
 
-Marked ``needs_cuda``: they skip where no CUDA device is visible and run on a GPU machine with a real Ray.
+Marked ``gpu``: they skip where no CUDA device is visible and run on a GPU machine with a real Ray.
 """
 
 from __future__ import annotations
@@ -11,11 +11,6 @@ import torch
 
 from ray_zerocopy import UpdateNotSupportedError, load_model_in_actor, prepare_model_for_actors, update_model_in_actor
 from ray_zerocopy.testing import zoo_input, zoo_model
-
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA device visible (torch.cuda.is_available() is False); GPU tests run only on a GPU machine",
-)
 
 
 @pytest.fixture
@@ -79,7 +74,7 @@ def _reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.cuda()(x.cuda()).cpu()
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["hard_cases", "gpt2"])
 def test_gpu_update_copies_into_the_same_device_memory(ray_gpu, backend, name):
     v1, v2 = zoo_model(name, seed=0), zoo_model(name, seed=1)
@@ -95,7 +90,7 @@ def test_gpu_update_copies_into_the_same_device_memory(ray_gpu, backend, name):
     assert torch.equal(out, ray.get(_reference.remote(v2, x)))
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_gpu_update_keeps_the_load_dtype(ray_gpu):
     v1, v2 = zoo_model("hard_cases", seed=0).float(), zoo_model("hard_cases", seed=1).float()
     x = zoo_input()
@@ -109,7 +104,7 @@ def test_gpu_update_keeps_the_load_dtype(ray_gpu):
     assert torch.equal(out, ray.get(_reference.remote(v2.half(), x)))
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_graph_captured_before_an_update_replays_with_the_new_weights(ray_gpu):
     v1, v2 = zoo_model("gpt2", seed=0), zoo_model("gpt2", seed=1)
     x = zoo_input()
@@ -121,7 +116,7 @@ def test_cuda_graph_captured_before_an_update_replays_with_the_new_weights(ray_g
     torch.testing.assert_close(replayed, ray.get(_reference.remote(v2, x)))
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_share_gpu_update_is_refused_with_a_typed_error(ray_gpu):
     v1 = zoo_model("hard_cases", seed=0)
     worker = GpuWorker.remote(prepare_model_for_actors(v1), share_gpu=True)
