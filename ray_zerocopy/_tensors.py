@@ -162,6 +162,8 @@ class _Splitter:
         self.ids: dict[int, int] = {}
         self.unnamed = 0
         self.names: dict[int, str] = {}  # id -> attribute name of plain tensors that cannot be shared
+        self.bases: dict[tuple, list[torch.Tensor]] = {}  # (device, storage, dtype) -> stored dense tensors over it
+        self.views: dict[int, tuple] = {}  # id of a tensor attribute viewing a stored one -> _rebuild_view's args
         self.unshared: list[torch.Tensor] = []  # tensors with data that the skeleton would carry
         self._keep_alive: list[torch.Tensor] = []  # ids are only unique while the objects live
 
@@ -175,11 +177,28 @@ class _Splitter:
                 self.layouts[name] = (tuple(data.shape), data.stride())
                 data = data.as_strided((data.numel(),), (1,), data.storage_offset())
             self.weights[name] = data if data.is_meta else data.cpu().contiguous()
+            if not t.is_meta and (t.is_contiguous() or _is_permuted_dense(t)):  # (stored as exactly its bytes)
+                self.bases.setdefault((t.device, t.untyped_storage().data_ptr(), t.dtype), []).append(t)
         elif name not in self.weights:
             self.aliases[name] = first
         pid = self.ids[id(t)] = self.pids.setdefault((first, is_param), len(self.pids))
         self._keep_alive.append(t)
         return pid
+
+    def add_view(self, t: torch.Tensor) -> bool:
+        """If ``t`` (a tensor attribute, not a parameter or buffer) reads bytes of a stored tensor in another
+        way (``weight[:n]``, ``weight.t()``), record it as a view of that tensor: not stored again, and rebuilt
+        in the actor over the loaded tensor's memory (see :func:`_rebuild_view`), as it was in the driver."""
+        if t.is_meta or view_key(t) in self.canonical or t.numel() == 0:
+            return False  # (the same view as a stored tensor: a tie, one object)
+        lo = t.storage_offset()
+        hi = lo + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+        for base in self.bases.get((t.device, t.untyped_storage().data_ptr(), t.dtype), ()):
+            if base.storage_offset() <= lo and hi <= base.storage_offset() + base.numel():
+                self.views[id(t)] = (base, tuple(t.shape), t.stride(), lo - base.storage_offset())
+                self._keep_alive.append(t)
+                return True
+        return False
 
     def adapter_for(self, t: torch.Tensor) -> Any:
         """The first adapter that carries ``t`` (None for plain tensors, and for types none carries)."""
@@ -218,6 +237,8 @@ class _Splitter:
             if t.device.type != "meta" and t.numel() and all(x is not t for x in self.unshared):
                 self.unshared.append(t)
             return None
+        if self.add_view(t):
+            return None  # (the pickler then reduces it with _rebuild_view)
         self.unnamed += 1
         return self.add(f"<tensor {self.unnamed}>", t, isinstance(t, torch.nn.Parameter))
 
@@ -250,7 +271,9 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequ
         _check_tensor(name, t, allow_meta)
         split.add(name, t, is_param)
     for name, t in _plain_tensors(model):
-        if id(t) in split.ids or id(t) in split.recipes:
+        if id(t) in split.ids or id(t) in split.recipes or id(t) in split.views:
+            pass
+        elif _shareable(t) and split.add_view(t):
             pass
         elif _shareable(t):
             split.add(name, t, isinstance(t, torch.nn.Parameter))
@@ -303,12 +326,16 @@ class _SkeletonPickler(cloudpickle.Pickler):
             return None if self._split is None else _SETTER  # (the actor picks which setter it is)
         if isinstance(obj, torch.Tensor):
             pid = self._ids.get(id(obj))
-            return self._split.add_unnamed(obj) if pid is None and self._split is not None else pid
+            if pid is not None or self._split is None or id(obj) in self._split.views:
+                return pid
+            return self._split.add_unnamed(obj)
         return None
 
     def reducer_override(self, obj: object) -> Any:
         if self._split is not None and isinstance(obj, torch.Tensor) and id(obj) in self._split.recipes:
             return _rebuild_adapted, self._split.recipes[id(obj)]
+        if self._split is not None and isinstance(obj, torch.Tensor) and id(obj) in self._split.views:
+            return _rebuild_view, self._split.views[id(obj)]
         if self._split is not None and isinstance(obj, torch.nn.Module) and type(obj).__setstate__ is _SETSTATE:
             rv = obj.__reduce_ex__(self.proto)  # (copyreg.__newobj__, (cls,), state, None, None)
             if isinstance(rv, tuple) and len(rv) == 5 and isinstance(rv[2], dict) and rv[2].keys() >= _ATTRS:
@@ -382,6 +409,12 @@ def _rebuild_adapted(unflatten: Any, inner: dict[str, torch.Tensor], meta: Any, 
     already in place: views of shared memory, or on the load device."""
     t = unflatten(inner, meta)
     return torch.nn.Parameter(t, requires_grad=False) if is_param and not isinstance(t, torch.nn.Parameter) else t
+
+
+def _rebuild_view(base: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...], offset: int) -> torch.Tensor:
+    """A tensor attribute that viewed a stored tensor in the driver, rebuilt (while the skeleton is unpickled)
+    as the same view of the loaded tensor: it shares its memory, so a write to one shows in the other."""
+    return base.detach().as_strided(shape, stride, base.storage_offset() + offset)
 
 
 def laid(t: torch.Tensor, name: str, layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> torch.Tensor:

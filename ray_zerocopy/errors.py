@@ -302,6 +302,22 @@ class PipelineRefsTypeError(PipelineRefsError, TypeError):
     """``load_pipeline_in_actor`` was given something other than a dict of ModelRefs (a list, a ModelRef, ...)."""
 
 
+class HiddenModelError(RayZeroCopyError, TypeError):
+    """A pipeline's skeleton would still hold a model with weights (inside another object, not an attribute of the
+    pipeline or an item of its dict, list or tuple attributes): every actor would unpickle its own copy."""
+
+    def __init__(self, path: str | None, model_type: str, nbytes: int) -> None:
+        self.path, self.model_type, self.nbytes = path, model_type, nbytes
+        where = f"at {path!r}" if path else "reached while pickling it (not through attributes or containers)"
+        super().__init__(
+            f"rewrite_pipeline_for_actors: the pipeline holds a {model_type} ({nbytes / 2**20:.2f} MiB of weights) "
+            f"{where}, which is not a model attribute of the pipeline nor an item of one of its dict, list or tuple "
+            "attributes: it would be pickled into the skeleton, and every actor would get its own copy. Fix: hold the "
+            "model as an attribute of the pipeline (or in a dict, list or tuple attribute of it) so it is shared, or "
+            "prepare it yourself with prepare_model_for_actors and load it in the actor with load_model_in_actor"
+        )
+
+
 class UnexpectedArgumentError(RayZeroCopyError, TypeError):
     """A keyword argument this function does not take (often one of the original ray_zerocopy's)."""
 

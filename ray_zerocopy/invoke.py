@@ -24,7 +24,7 @@ from ray_zerocopy._tensors import rebuild_model
 from ray_zerocopy.errors import MethodNotFoundError, ShimAttributeError
 from ray_zerocopy.load import load_model_in_actor
 from ray_zerocopy.model_ref import ModelRef
-from ray_zerocopy.pipeline import model_attrs, set_attr, shallow_copy
+from ray_zerocopy.pipeline import get_attr, model_attrs, set_attr, shallow_copy
 from ray_zerocopy.plugins import DEFAULT_BACKEND
 from ray_zerocopy.prepare import prepare_split
 
@@ -204,7 +204,7 @@ def rewrite_pipeline(
     out = shallow_copy(pipeline)
     shims: dict[int, RemoteModel] = {}
     for name in names:
-        model = getattr(pipeline, name)
+        model = get_attr(pipeline, name)
         if id(model) not in shims:
             shims[id(model)] = _shim(model, method_names, backend, remote_options)
         set_attr(out, name, shims[id(model)])

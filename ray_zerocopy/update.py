@@ -26,7 +26,7 @@ from ray_zerocopy._tensors import named_plain_tensors, named_tensors
 from ray_zerocopy.errors import UpdateMismatchError, UpdateNotSupportedError
 from ray_zerocopy.load import LoadOptions, load_model
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
-from ray_zerocopy.pipeline import model_attrs
+from ray_zerocopy.pipeline import get_attr, model_attrs
 from ray_zerocopy.plugins import tensor_adapters
 
 Pair = tuple[str, torch.Tensor, torch.Tensor]  # (name, the live model's tensor object, the new version's tensor)
@@ -98,7 +98,7 @@ def update_pipeline_in_actor(pipeline: Any, new_refs: Mapping[str, ModelRef] | A
     couples = []
     for name, given in refs.items():
         ref = as_model_ref(given)
-        live = _unwrapped(getattr(pipeline, name))
+        live = _unwrapped(get_attr(pipeline, name))
         if ref.uid not in loaded:
             loaded[ref.uid] = _load_new(dataclasses.replace(ref, member=None), _options_of(live))
         new = loaded[ref.uid]
