@@ -303,7 +303,7 @@ class PipelineRefsTypeError(PipelineRefsError, TypeError):
 
 
 class HiddenModelError(RayZeroCopyError, TypeError):
-    """A pipeline's skeleton would still hold a model with weights (inside another object, not an attribute of the
+    """A pipeline's skeleton would still hold a model with weights (inside another object, not as an attribute of the
     pipeline or an item of its dict, list or tuple attributes): every actor would unpickle its own copy."""
 
     def __init__(self, path: str | None, model_type: str, nbytes: int) -> None:
@@ -311,10 +311,10 @@ class HiddenModelError(RayZeroCopyError, TypeError):
         where = f"at {path!r}" if path else "reached while pickling it (not through attributes or containers)"
         super().__init__(
             f"rewrite_pipeline_for_actors: the pipeline holds a {model_type} ({nbytes / 2**20:.2f} MiB of weights) "
-            f"{where}, which is not a model attribute of the pipeline nor an item of one of its dict, list or tuple "
-            "attributes: it would be pickled into the skeleton, and every actor would get its own copy. Fix: hold the "
-            "model as an attribute of the pipeline (or in a dict, list or tuple attribute of it) so it is shared, or "
-            "prepare it yourself with prepare_model_for_actors and load it in the actor with load_model_in_actor"
+            f"{where}, inside an object that is neither the pipeline nor one of its dict, list or tuple attributes: it "
+            "would be pickled into the skeleton, and every actor would get its own copy. Fix: hold the model only as "
+            "an attribute of the pipeline (or in a dict, list or tuple attribute of it) so it is shared, or prepare it "
+            "yourself with prepare_model_for_actors and load it in the actor with load_model_in_actor"
         )
 
 

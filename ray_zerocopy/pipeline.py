@@ -184,9 +184,10 @@ def rewrite_pipeline_for_actors(
     skeleton = shallow_copy(pipeline)
     for name in names:
         set_attr(skeleton, name, None)
-    left_out = {id(get_attr(pipeline, n)) for n in _found_model_names(pipeline)}  # (left out by model_attr_names)
+    left_out = {id(get_attr(pipeline, n)) for n in _found_model_names(pipeline)} - set(models)  # (model_attr_names)
     _refuse_hidden_models(skeleton, left_out)
-    refs = {name: dataclasses.replace(by_id[id(get_attr(pipeline, name))], pipeline_attrs=tuple(names)) for name in names}
+    by_id = {key: dataclasses.replace(ref, pipeline_attrs=tuple(names)) for key, ref in by_id.items()}
+    refs = {name: by_id[id(get_attr(pipeline, name))] for name in names}  # (a model held twice: one ModelRef)
     return skeleton, refs
 
 
@@ -236,7 +237,10 @@ def _path_to(root: object, target: object, depth: int = 5) -> str | None:
             elif isinstance(obj, (list, tuple)):
                 children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
             else:
-                children = [(f"{path}.{k}" if path else k, v) for k, v in getattr(obj, "__dict__", {}).items()]
+                fields = dict(getattr(obj, "__dict__", {}))
+                if isinstance(obj, torch.nn.Module):  # submodules by their attribute names, not through _modules
+                    fields = {k: v for k, v in fields.items() if k not in _MODULE_ATTRS} | dict(obj._modules)
+                children = [(f"{path}.{k}" if path else k, v) for k, v in fields.items()]
             for child_path, child in children:
                 if child is target:
                     return child_path

@@ -90,10 +90,20 @@ def test_model_inside_another_object_is_refused_with_its_path(ray_local):
     msg = str(info.value)
     assert info.value.path == "helper.model" and info.value.model_type == "Linear"
     assert "a Linear (1.00 MiB of weights) at 'helper.model'" in msg
-    assert "every actor would get its own copy" in msg and "Fix: hold the model as an attribute of the pipeline" in msg
+    assert "every actor would get its own copy" in msg and "Fix: hold the model only as an attribute of the pipeline" in msg
+    shared = Hidden()
+    shared.helper.model = shared.direct  # a prepared model held again inside another object
+    with pytest.raises(HiddenModelError, match=r"a Linear \(0.00 MiB of weights\) at 'helper.model', inside an object"):
+        rewrite_pipeline_for_actors(shared)
+    nested = Hidden()
+    nested.helper.model = torch.nn.Sequential(torch.nn.Linear(512, 512))
+    with pytest.raises(HiddenModelError, match=r"a Sequential .* at 'helper.model'"):
+        rewrite_pipeline_for_actors(nested)
     # a model attribute left out by an explicit model_attr_names stays the caller's choice
     skeleton, refs = rewrite_pipeline_for_actors(Containers(), model_attr_names=["direct"])
     assert set(refs) == {"direct"} and isinstance(skeleton.stack[0], torch.nn.Module)
+    skeleton, refs = rewrite_pipeline_for_actors(Containers(), model_attr_names=["by_name['first']"])
+    assert set(refs) == {"by_name['first']"} and skeleton.by_name["first"] is None
 
 
 class Encoder(torch.nn.Module):
