@@ -177,15 +177,15 @@ def rewrite_pipeline_for_actors(
     check_backend_arg(backend, "rewrite_pipeline_for_actors", 3, "device")
     names = model_attrs(pipeline, model_attr_names)
     models = {id(m): m for m in (get_attr(pipeline, name) for name in names)}  # a model held twice: once
-    if share_parts(list(models.values())):
-        by_id = dict(zip(models, prepare_together(list(models.values()), backend, gpu_copiers)))
-    else:
-        by_id = {key: prepare_model_for_actors(m, backend=backend, gpu_copiers=gpu_copiers) for key, m in models.items()}
     skeleton = shallow_copy(pipeline)
     for name in names:
         set_attr(skeleton, name, None)
     left_out = {id(get_attr(pipeline, n)) for n in _found_model_names(pipeline)} - set(models)  # (model_attr_names)
-    _refuse_hidden_models(skeleton, left_out)
+    _refuse_hidden_models(skeleton, left_out)  # (before any weight is put)
+    if share_parts(list(models.values())):
+        by_id = dict(zip(models, prepare_together(list(models.values()), backend, gpu_copiers)))
+    else:
+        by_id = {key: prepare_model_for_actors(m, backend=backend, gpu_copiers=gpu_copiers) for key, m in models.items()}
     by_id = {key: dataclasses.replace(ref, pipeline_attrs=tuple(names)) for key, ref in by_id.items()}
     refs = {name: by_id[id(get_attr(pipeline, name))] for name in names}  # (a model held twice: one ModelRef)
     return skeleton, refs
