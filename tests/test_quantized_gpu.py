@@ -68,7 +68,7 @@ def _inner(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [pair for name, p in model.named_parameters() for pair in flat_tensors(name, p, adapters)]
 
 
-@ray.remote(num_gpus=0.5)
+@ray.remote(num_gpus=0.25)  # (three at once on one GPU: the private one and two sharing)
 class GpuReplica:
     def __init__(self, ref, **options):
         self.model = load_model_in_actor(ref, device="cuda", **options)
