@@ -15,11 +15,12 @@ from __future__ import annotations
 import io
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence, cast
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from ray import cloudpickle
 
+from ray_zerocopy._refusals import PLAIN, check_module, check_tensor, refuse_unshared
 from ray_zerocopy.errors import UnsupportedModelError
 
 PersistentId = tuple[str, bool]  # (canonical name, is a Parameter)
@@ -52,55 +53,6 @@ def _is_permuted_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _check_tensor(name: str, t: torch.Tensor, allow_meta: bool = False) -> None:
-    """Refuse, in the driver, tensors that cannot be carried as plain bytes (and that no adapter carries)."""
-    module = name.rpartition(".")[0]
-    if isinstance(t, (torch.nn.parameter.UninitializedParameter, torch.nn.parameter.UninitializedBuffer)):
-        raise UnsupportedModelError(
-            module, f"tensor {name!r} is a {type(t).__qualname__} (a lazy module that has not run yet)",
-            "materialize the model first: run a forward pass with a sample input before preparing",
-        )
-    if type(t) not in _PLAIN:
-        raise UnsupportedModelError(
-            module, f"tensor {name!r} is a {type(t).__module__}.{type(t).__qualname__}, a tensor type that no installed "
-            "tensor adapter carries (it implements neither PyTorch's __tensor_flatten__ protocol nor an adapter's type)",
-            "install the package that provides an adapter for this type, or write a ray_zerocopy.TensorAdapter for it "
-            "and register it (entry-point group 'ray_zerocopy', hook register_tensor_adapters) where the driver and "
-            "the actors run; private_copy=True does not help (the weights are split in the driver)",
-        )
-    if t.is_quantized or t.is_sparse or t.layout != torch.strided:
-        raise UnsupportedModelError(
-            module, f"tensor {name!r} has layout {t.layout} / quantized={t.is_quantized}",
-            "convert it to a dense strided tensor (e.g. .dequantize() or .to_dense()) before preparing",
-        )
-    if t.device.type == "meta" and not allow_meta:
-        raise UnsupportedModelError(
-            module, f"tensor {name!r} is on the meta device and holds no data",
-            "load real weights into the model (e.g. load_state_dict(..., assign=True)) before preparing",
-        )
-
-
-def _check_module(name: str, module: torch.nn.Module) -> None:
-    """Refuse, in the driver, module kinds whose weights would not be shared (or not survive the split)."""
-    kind = type(module).__module__
-    if isinstance(module, torch.jit.ScriptModule):
-        problem, fix = "is a TorchScript module (its weights live in compiled code, not in parameters)", (
-            "prepare the eager nn.Module (before torch.jit.script/trace) and script it in the actor after loading")
-    elif kind.startswith("torch._dynamo"):  # torch.compile's OptimizedModule
-        problem, fix = "is a torch.compile'd module", (
-            "prepare the original module (compiled._orig_mod) and call torch.compile on the loaded model in the actor")
-    elif torch.nn.utils.parametrize.is_parametrized(module):
-        problem, fix = "is parametrized (torch.nn.utils.parametrize / parametrizations.weight_norm)", (
-            "bake the parametrization in first: torch.nn.utils.parametrize.remove_parametrizations(module, "
-            f"{next(iter(cast(torch.nn.ModuleDict, module.parametrizations)))!r}) (leave_parametrized=True is the default)")
-    elif kind.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
-        problem, fix = f"is a quantized module ({type(module).__qualname__}) whose packed weights are not tensors", (
-            "prepare the float model and quantize it in the actor after loading, or dequantize it")
-    else:
-        return
-    raise UnsupportedModelError(name, problem, fix)
-
-
 def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """Every parameter and buffer (persistent or not) under every name it is reachable by."""
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -111,7 +63,7 @@ def named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, b
 
 def flat_tensors(name: str, t: torch.Tensor, adapters: Sequence[Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """``(stored name, tensor)`` of what ``t`` is stored as: itself, or the inner tensors of an adapted one."""
-    adapter = None if type(t) in _PLAIN else next((a for a in adapters if a.handles(t)), None)
+    adapter = None if type(t) in PLAIN else next((a for a in adapters if a.handles(t)), None)
     if adapter is None:
         yield name, t
         return
@@ -136,12 +88,9 @@ def _plain_tensors(model: torch.nn.Module):
                             if isinstance(v, torch.Tensor) and isinstance(k, (str, int)) and "." not in str(k))
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Tensor))
-
-
 def _shareable(t: torch.Tensor) -> bool:
     """A plain tensor attribute that can travel as bytes (others stay in the skeleton, as pickled)."""
-    return (type(t) in _PLAIN and t.layout == torch.strided
+    return (type(t) in PLAIN and t.layout == torch.strided
             and not t.is_quantized and t.device.type != "meta" and t.nbytes > 0)
 
 
@@ -202,7 +151,7 @@ class _Splitter:
 
     def adapter_for(self, t: torch.Tensor) -> Any:
         """The first adapter that carries ``t`` (None for plain tensors, and for types none carries)."""
-        return None if type(t) in _PLAIN else next((a for a in self.adapters if a.handles(t)), None)
+        return None if type(t) in PLAIN else next((a for a in self.adapters if a.handles(t)), None)
 
     def add_adapted(self, name: str, t: torch.Tensor, is_param: bool, adapter: Any) -> None:
         """Store the inner tensors of ``t`` (an adapted, e.g. quantized, tensor) as ``name:key``, nested
@@ -216,7 +165,7 @@ class _Splitter:
             if nested is not None:
                 self.add_adapted(sub, it, is_param, nested)
                 continue
-            _check_tensor(sub, it)
+            check_tensor(sub, it)
             self.add(sub, it, is_param)  # (is_param: shared like its parameter under share_gpu)
             self.inner.add(sub)
         self.recipes[id(t)] = (type(adapter).unflatten, inner, meta, is_param)
@@ -262,13 +211,13 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequ
     """
     split = _Splitter(adapters)
     for module_name, module in model.named_modules():
-        _check_module(module_name, module)
+        check_module(module_name, module)
     for name, t, is_param in named_tensors(model):
         adapter = split.adapter_for(t)
         if adapter is not None:
             split.add_adapted(name, t, is_param, adapter)
             continue
-        _check_tensor(name, t, allow_meta)
+        check_tensor(name, t, allow_meta)
         split.add(name, t, is_param)
     for name, t in _plain_tensors(model):
         if id(t) in split.ids or id(t) in split.recipes or id(t) in split.views:
@@ -291,25 +240,8 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequ
         for m, mode in modes:
             m.training = mode
     if split.unshared:
-        _refuse_unshared(split.unshared[0], split.names.get(id(split.unshared[0])))
+        refuse_unshared(split.unshared[0], split.names.get(id(split.unshared[0])))
     return SplitModel(skeleton, split.weights, split.aliases, split.layouts, split.originals, split.adapted)
-
-
-def _refuse_unshared(t: torch.Tensor, name: str | None) -> None:
-    """A tensor outside parameters and buffers that cannot travel as bytes would be pickled into the
-    skeleton, a private copy in every actor: refuse it in the driver, naming it and its size."""
-    try:
-        size = t.nbytes
-    except RuntimeError:  # sparse: the size of the equivalent dense tensor
-        size = t.numel() * t.element_size()
-    what = f"tensor {name!r}" if name else f"a tensor of shape {tuple(t.shape)} reached through a plain attribute"
-    raise UnsupportedModelError(
-        name.rpartition(".")[0] if name else "",
-        f"{what} ({size / 2**20:.2f} MiB, {type(t).__qualname__}, {t.layout}, {t.dtype}) is held outside "
-        "parameters and buffers and cannot be shared as plain bytes, so every actor would get its own copy",
-        "make it a dense plain tensor before preparing (.to_dense(), .dequantize(), .as_subclass(torch.Tensor)), "
-        "or create it in the actor after loading",
-    )
 
 
 class _SkeletonPickler(cloudpickle.Pickler):
