@@ -93,7 +93,7 @@ def test_gpu_update_copies_into_the_same_device_memory(ray_gpu, backend, name):
 @pytest.mark.gpu
 def test_gpu_update_keeps_the_load_dtype(ray_gpu):
     v1, v2 = zoo_model("hard_cases", seed=0).float(), zoo_model("hard_cases", seed=1).float()
-    x = zoo_input()
+    x = zoo_input().half()  # (the model runs in float16: so does its input)
     worker = GpuWorker.remote(prepare_model_for_actors(v1), dtype=torch.float16)
     try:
         rep = ray.get(worker.update.remote(prepare_model_for_actors(v2)))

@@ -367,7 +367,8 @@ def main(argv: list[str]) -> int:
     if opts.args.update:
         from ray_zerocopy.bench.update import format_updates, run_updates
 
-        model_bytes, updates = run_updates(opts.spec, opts.actors, opts.repeats, progress=progress)
+        model_bytes, updates = run_updates(opts.spec, opts.actors, opts.repeats, progress=progress,
+                                          device=opts.device)
         print(format_updates(updates, model_bytes, opts.actors))
         if opts.args.json_path:
             with open(opts.args.json_path, "w") as f:

@@ -10,7 +10,8 @@ with the new weights (a checksum of the first and last weights, compared with th
 - ``redeploy``: ``prepare_model_for_actors(model)``, the old actors killed, N new ones started that load it
   (what a Serve redeploy does).
 
-Node memory after the round: the object store plus every actor's private memory (PSS outside the store).
+Node memory after the round: the object store plus every actor's private memory (PSS outside the store);
+with ``--device cuda``, also the device memory the actors hold (``torch.cuda.memory_allocated``).
 Each approach runs ``--repeats`` rounds; the report gives the median.
 """
 
@@ -38,7 +39,7 @@ def _checksum(model: torch.nn.Module) -> float:
 
 @ray.remote(num_cpus=0)
 class _Server:
-    def __init__(self, how: str, spec: ModelSpec, first: Any) -> None:
+    def __init__(self, how: str, spec: ModelSpec, first: Any, device: str) -> None:
         self.how = how
         if how == "state-dict":  # a skeleton, then the state dict's tensors (a private copy of this actor)
             self.model = build_model(spec, meta=True)
@@ -46,8 +47,9 @@ class _Server:
             tie = getattr(self.model, "tie_weights", None)
             if callable(tie):
                 tie()  # (assign=True unties what the skeleton tied)
+            self.model.to(device)
         else:
-            self.model = load_model_in_actor(first)
+            self.model = load_model_in_actor(first, device=device)
 
     def update(self, new: Any) -> float:
         if self.how == "state-dict":
@@ -59,8 +61,10 @@ class _Server:
     def answer(self) -> float:
         return _checksum(self.model)
 
-    def private_bytes(self) -> int:
-        return int(process_memory()["pss"])
+    def private_bytes(self) -> tuple[int, int]:
+        """(private host bytes, device bytes allocated by torch)."""
+        device = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        return int(process_memory()["pss"]), device
 
 
 _Remote: Any = _Server  # (ray.remote made it an ActorClass: .remote)
@@ -80,7 +84,13 @@ def _publish(how: str, model: torch.nn.Module, previous: Any) -> Any:
     return prepare_model_for_actors(model, like=previous if how == "rzc-update" else None)
 
 
-def _round(how: str, model: torch.nn.Module, spec: ModelSpec, actors: list, previous: Any) -> tuple[float, list, Any]:
+def _start(how: str, spec: ModelSpec, version: Any, device: str, actors: int) -> Any:
+    gpus = 0.5 / actors if device.startswith("cuda") else 0  # (old and new actors fit one GPU during a redeploy)
+    return _Remote.options(num_gpus=gpus).remote(how, spec, version, device)
+
+
+def _round(how: str, model: torch.nn.Module, spec: ModelSpec, actors: list, previous: Any,
+           device: str) -> tuple[float, list, Any]:
     """One update round: (seconds until every actor answers with the new weights, the actors, the new version)."""
     with torch.no_grad():
         for p in model.parameters():
@@ -91,7 +101,7 @@ def _round(how: str, model: torch.nn.Module, spec: ModelSpec, actors: list, prev
     if how == "redeploy":
         for a in actors:
             ray.kill(a)
-        actors = [_Remote.remote(how, spec, new) for _ in actors]
+        actors = [_start(how, spec, new, device, len(actors)) for _ in actors]
         got = ray.get([a.answer.remote() for a in actors])
     else:
         got = ray.get([a.update.remote(new) for a in actors])
@@ -102,9 +112,9 @@ def _round(how: str, model: torch.nn.Module, spec: ModelSpec, actors: list, prev
 
 
 def run_updates(spec: ModelSpec, actors: int, repeats: int, approaches: tuple[str, ...] = APPROACHES,
-                progress: Any = print) -> tuple[int, list[dict[str, Any]]]:
-    """Run ``repeats`` update rounds of each approach with ``actors`` actors (starts a local Ray sized for
-    the model); the model's bytes and one result dict per approach."""
+                progress: Any = print, device: str = "cpu") -> tuple[int, list[dict[str, Any]]]:
+    """Run ``repeats`` update rounds of each approach with ``actors`` actors on ``device`` (starts a local Ray
+    sized for the model); the model's bytes and one result dict per approach."""
     model = build_model(spec)
     model_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values())
     if not ray.is_initialized():
@@ -113,17 +123,18 @@ def run_updates(spec: ModelSpec, actors: int, repeats: int, approaches: tuple[st
     results = []
     for how in approaches:
         first = _publish(how, model, None)
-        servers = [_Remote.remote(how, spec, first) for _ in range(actors)]
+        servers = [_start(how, spec, first, device, actors) for _ in range(actors)]
         ray.get([s.answer.remote() for s in servers])
         times, previous = [], first
         for i in range(repeats):
-            seconds, servers, previous = _round(how, model, spec, servers, previous)
+            seconds, servers, previous = _round(how, model, spec, servers, previous, device)
             times.append(seconds)
             progress(f"{how}: round {i + 1}/{repeats} {seconds:.3f} s")
         time.sleep(2)  # (Ray frees the old versions asynchronously)
-        private = sum(ray.get([s.private_bytes.remote() for s in servers]))
+        private, on_device = (sum(b) for b in zip(*ray.get([s.private_bytes.remote() for s in servers])))
         results.append({"name": how, "median_s": statistics.median(times), "times_s": times,
-                        "store_bytes": _store_bytes(), "actors_private_bytes": private})
+                        "store_bytes": _store_bytes(), "actors_private_bytes": private,
+                        "actors_device_bytes": on_device})
         for s in servers:
             ray.kill(s)
         del first, previous
@@ -132,9 +143,10 @@ def run_updates(spec: ModelSpec, actors: int, repeats: int, approaches: tuple[st
 
 def format_updates(results: list[dict[str, Any]], model_bytes: int, actors: int) -> str:
     lines = [f"update round, {actors} actors, model {model_bytes / 1e9:.2f} GB (median of {len(results[0]['times_s'])})",
-             f"{'approach':<12} {'round s':>9} {'store GB':>9} {'actors GB':>10} {'node GB':>8}"]
+             f"{'approach':<12} {'round s':>9} {'store GB':>9} {'actors GB':>10} {'node GB':>8} {'device GB':>10}"]
     for r in results:
         node = r["store_bytes"] + r["actors_private_bytes"]
         lines.append(f"{r['name']:<12} {r['median_s']:>9.3f} {r['store_bytes'] / 1e9:>9.2f} "
-                     f"{r['actors_private_bytes'] / 1e9:>10.2f} {node / 1e9:>8.2f}")
+                     f"{r['actors_private_bytes'] / 1e9:>10.2f} {node / 1e9:>8.2f} "
+                     f"{r.get('actors_device_bytes', 0) / 1e9:>10.2f}")
     return "\n".join(lines)
