@@ -89,11 +89,14 @@ class ObjectStoreBackend(Backend):
                    for k, t in weights.items() if k not in small}
         if small:
             buffers[SMALL] = pickle.PickleBuffer(glue)  # type: ignore[arg-type]
-        ref = ray.put(_Buffers(buffers))
+        client = ray.util.client.ray.is_connected()
+        # (Ray Client pickles in band: buffers would reach the server as bytes, which its ray.put keeps in band,
+        # so every actor would get a private copy; numpy arrays it keeps out of band, in shared memory)
+        ref = ray.put({k: np.frombuffer(b, np.uint8) for k, b in buffers.items()} if client else _Buffers(buffers))
         specs = {k: spec_of(t) for k, t in weights.items()}
         # read once here, so that actors need not read every array's address (tensors_in_arrays);
         # not through Ray Client, where ray.get would download the whole object
-        offsets = None if ray.util.client.ray.is_connected() else array_offsets(
+        offsets = None if client else array_offsets(
             {k: a for k, a in _unglue(ray.get(ref), small, specs).items() if a.nbytes})
         return ObjectStorePayload(ref, specs, offsets, small or None)
 

@@ -148,7 +148,7 @@ RAY_FLAG_SCRIPT = """
 import pickle, ray, torch
 from ray_zerocopy.actor import prepare_model_for_actors, load_model_in_actor
 from ray_zerocopy.testing import zoo_model, zoo_input, tensors_outside_shared_memory
-ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
 try:
     model = zoo_model("hard_cases")
     @ray.remote
