@@ -158,7 +158,10 @@ class Attach:
                 time.sleep(0.5)
                 self._ask()
         with torch.cuda.device(self.device):
-            storages = [torch.UntypedStorage._new_shared_cuda(self.device.index, *h[1:]) for h in shared]
+            # (an empty storage has no IPC handle: _share_cuda_ gives None, which _new_shared_cuda refuses; a
+            # backend that copies tensor by tensor gives an empty tensor one, e.g. object_store)
+            storages = [torch.UntypedStorage._new_shared_cuda(self.device.index, *h[1:]) if h[1] is not None
+                        else torch.UntypedStorage(0, device=self.device) for h in shared]
             return {name: torch.empty(0, dtype=dt, device=self.device).set_(storages[i], offset, shape, stride)
                     for name, (i, offset, shape, stride, dt) in specs.items()}
 
