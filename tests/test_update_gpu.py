@@ -159,9 +159,9 @@ class Sharer:
     def mapped(self, timeout_s: float) -> bool:
         """Whether the model maps a holder's copy (a first load starts on a copy of its own, and keeps it where
         mapping the holder's fails: then no holder holds the model)."""
-        from ray_zerocopy import gpu_share
-        from ray_zerocopy.load import wait_shared
+        from ray_zerocopy import gpu_share, load
 
+        wait_shared = getattr(gpu_share, "wait_shared", None) or load.wait_shared  # (moving to gpu_share.py)
         return wait_shared(self.model, timeout_s) and self.model in gpu_share._held
 
     def run(self, x):
