@@ -404,7 +404,8 @@ class UpdateMismatchError(RayZeroCopyError, ValueError):
 
 
 class UpdateNotSupportedError(RayZeroCopyError, NotImplementedError):
-    """The loaded model cannot take a live update in this form (e.g. ``share_gpu=True``); it was not changed."""
+    """The loaded model cannot take a live update in this form (one of a pipeline's models prepared together,
+    loaded with ``share_gpu=True``); it was not changed."""
 
     def __init__(self, problem: str, fix: str) -> None:
         self.problem, self.fix = problem, fix

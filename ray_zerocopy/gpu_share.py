@@ -15,6 +15,12 @@ models that map it, by process: a model that is collected, or a process that die
 every half second), stops counting, and when none is left for ``LINGER_S`` seconds the holder
 frees the memory and exits.
 
+Updates (``update_model_in_actor``): a new version gets a copy of its own, from the holder of the new ref
+(:func:`attached`: started by the first actor on the GPU that updates, mapped by the others); each model is
+pointed at it and moves its count from the old holder to the new one (:func:`move_to`), so the old copy
+is freed once no model maps it (at the holder's next check, without ``LINGER_S``). A copy is never
+written to by an update: no call of another actor ever sees two versions.
+
 Writes: device memory mapped through CUDA IPC cannot be made copy-on-write (as host memory is). Only
 parameters are shared; buffers are private to each actor (models update them in their forward). A
 write into a parameter is caught after the call by the version counters (``guard.py``); the holder
@@ -27,13 +33,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 import ray
 import torch
 
 from ray_zerocopy._detached import Detached, start_detached
-from ray_zerocopy._tensors import cast_floating
+from ray_zerocopy._tensors import cast_floating, rebuild_model, weight_kinds
 from ray_zerocopy.backend import dtype_name
 
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
@@ -84,13 +91,15 @@ class _Holder(Detached):
             self.users[pid] = self.users.get(pid, 0) + 1
         return self.shared, self.specs
 
-    def release(self, pid: int) -> None:
+    def release(self, pid: int, linger: bool = True) -> None:
+        """One model of process ``pid`` no longer maps this copy. ``linger=False`` (it moved to a newer version):
+        with no user left, the copy is freed at the next check instead of after ``LINGER_S``."""
         with self.lock:
             self.users[pid] = self.users.get(pid, 0) - 1
             if self.users[pid] <= 0:
                 del self.users[pid]
             if not self.users:
-                self.idle_since = time.monotonic()
+                self.idle_since = time.monotonic() - (0.0 if linger else LINGER_S)
 
     def restore(self) -> None:
         """Put back the stored weights after a user wrote into them (copied again from the object store)."""
@@ -158,14 +167,82 @@ class Attach:
                 time.sleep(0.5)
                 self._ask()
         with torch.cuda.device(self.device):
-            storages = [torch.UntypedStorage._new_shared_cuda(self.device.index, *h[1:]) for h in shared]
+            # (an empty storage has no IPC handle: _share_cuda_ gives None, which _new_shared_cuda refuses; a
+            # backend that copies tensor by tensor gives an empty tensor one, e.g. object_store)
+            storages = [torch.UntypedStorage._new_shared_cuda(self.device.index, *h[1:]) if h[1] is not None
+                        else torch.UntypedStorage(0, device=self.device) for h in shared]
             return {name: torch.empty(0, dtype=dt, device=self.device).set_(storages[i], offset, shape, stride)
                     for name, (i, offset, shape, stride, dt) in specs.items()}
 
 
-def release(holder: Any, pid: int) -> None:
-    """Called when a model that maps a holder's memory is collected (its tensors are gone)."""
+def release(holder: Any, pid: int, linger: bool = True) -> None:
+    """Called when a model that maps a holder's memory is collected (its tensors are gone), or has moved to
+    another version's holder (``linger=False``: see :meth:`_Holder.release`)."""
     try:
-        holder.release.remote(pid)
+        holder.release.remote(pid, linger)
     except Exception:  # Ray already shut down: the holder sees the process go
         pass
+
+
+_held: weakref.WeakKeyDictionary[torch.nn.Module, weakref.finalize] = weakref.WeakKeyDictionary()
+
+
+def hold(model: torch.nn.Module, holder: Any) -> None:
+    """Count ``model`` as a user of ``holder``'s copy (it attached to it) until the model is collected, or
+    until :func:`move_to` another holder's copy."""
+    _held[model] = weakref.finalize(model, release, holder, os.getpid())
+
+
+def move_to(model: torch.nn.Module, holder: Any) -> None:
+    """``model`` maps ``holder``'s copy now (a live update, after it attached to it), no longer the copy of the
+    holder it was held by: that one is let go at once (freed at its next check where no other model maps it)."""
+    previous = _held.pop(model, None)
+    hold(model, holder)
+    detached = previous.detach() if previous is not None else None  # (None: it already ran, or never held)
+    if detached is not None:
+        _, _, (previous_holder, pid), _ = detached
+        release(previous_holder, pid, linger=False)
+
+
+def attached(model_ref: Any, device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], Any]:
+    """Device tensors by name that map the copy of ``model_ref`` shared on ``device``'s GPU, and its holder:
+    the holder is started if there is none (the first process to ask starts it, the others get the same
+    one), and waited for. The holder counts this process as one more user: let it go with :func:`release`,
+    or :func:`hold` / :func:`move_to` the model built on the tensors.
+
+    Raises:
+        Exception: whatever kept the holder from starting or answering (the GPU has no room for the copy,
+            no CUDA IPC, ...); nothing is counted then.
+    """
+    attach = Attach(model_ref, device, dtype)
+    try:
+        with torch.inference_mode(False):
+            return attach.tensors(), attach.holder
+    except BaseException:
+        if _answered(attach):  # (counted, then mapping failed here)
+            release(attach.holder, os.getpid())
+        raise
+
+
+def shared_version(model_ref: Any, device: torch.device, dtype: torch.dtype | None,
+                   as_parameters: bool) -> tuple[torch.nn.Module, Any]:
+    """A new version of a model loaded with ``share_gpu=True``, for a live update: the model built around the
+    copy of ``model_ref`` shared on ``device``'s GPU (:func:`attached`; its buffers are private clones, as after
+    a load), and that copy's holder, which counts this process as a user (:func:`move_to` the live model once
+    it maps the copy, else :func:`release`)."""
+    tensors, holder = attached(model_ref, device, dtype)
+    try:
+        params = {name for name, is_param in weight_kinds(model_ref.skeleton) if is_param}
+        tensors = {k: t if k in params else t.clone() for k, t in tensors.items()}
+        return rebuild_model(model_ref.skeleton, tensors, model_ref.layouts, as_parameters=as_parameters), holder
+    except BaseException:
+        release(holder, os.getpid())
+        raise
+
+
+def _answered(attach: Attach) -> bool:
+    try:
+        ray.get(attach.answer, timeout=0)
+    except Exception:
+        return False
+    return True

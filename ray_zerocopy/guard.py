@@ -36,6 +36,12 @@ class _Guard:
     def __reduce__(self) -> tuple:  # likewise a pickled-and-loaded copy
         return _Guard, ([],)
 
+    def reset(self, restore: Callable[[], None] | None) -> None:
+        """The watched tensors hold another version now (a live update): compare with their versions from
+        here on, and put back that version's weights (``restore``) after a write."""
+        self.versions = [(name, t, t._version) for name, t, _ in self.versions]
+        self.restore = restore
+
     def check(self, model: torch.nn.Module, args: object, output: object) -> None:
         for name, t, version in self.versions:
             if t._version != version:

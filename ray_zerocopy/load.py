@@ -241,7 +241,7 @@ def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chose
     model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load, placed=placed)
     shared = [(name, t) for name, t in placed if name in params]
     if mapped:
-        weakref.finalize(model, gpu_share.release, attach.holder, os.getpid())
+        gpu_share.hold(model, attach.holder)
         return guard_model(model, shared, restore=lambda: ray.get(attach.holder.restore.remote()))
     versions = [t._version for _, t in shared]  # (a tensor written before the move is not compared)
     mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared, versions, ref.layouts),
@@ -304,7 +304,7 @@ def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, t
     del own
     torch.cuda.empty_cache()  # (else the freed copy stays reserved by this process's allocator)
     attach.moved = True
-    weakref.finalize(alive, gpu_share.release, attach.holder, os.getpid())
+    gpu_share.hold(alive, attach.holder)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -8,6 +8,12 @@ the new views (``.data``: the object, and whatever holds it, stays), on a GPU th
 existing device memory (its address stays, so CUDA graphs and compiled kernels stay valid). The old
 version's views go with their last reference, and with them this actor's hold on the old objects.
 
+A model loaded with ``share_gpu=True`` maps a device copy that other actors map too, so nothing is written
+into it: the new version gets a shared copy of its own (``gpu_share.shared_version``: the new ref's holder on
+this GPU, started by the first actor that asks, mapped by the others), and each tensor object of the model is
+pointed at the new copy (``.data``, like the CPU path; buffers at a private clone, as after a load). The old
+copy is let go once the model no longer maps it, and freed by its holder when no actor does.
+
 Calls that run while an update swaps can see a mix of versions only where the actor runs calls in threads
 (Ray Serve runs sync methods in a thread pool): such a call holds :func:`hold_weights` for its duration.
 """
@@ -16,15 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import weakref
-from typing import Any, Iterable, Iterator, Mapping, cast
+from typing import Any, Collection, Iterable, Iterator, Mapping, cast
 
+import ray
 import torch
 
 from ray_zerocopy._tensors import named_plain_tensors, named_tensors
 from ray_zerocopy.errors import UpdateMismatchError, UpdateNotSupportedError
-from ray_zerocopy.load import LoadOptions, load_model
+from ray_zerocopy.load import LoadOptions, load_model, resolve_device, wait_shared
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.pipeline import get_attr, model_attrs
 from ray_zerocopy.plugins import tensor_adapters
@@ -36,11 +44,13 @@ def update_model_in_actor(model: torch.nn.Module, new_ref: ModelRef | Any) -> to
     """Give a loaded model the weights of a new version, in place: same module and parameter objects.
 
     The new version is fetched with the options the model was loaded with (device, dtype, private_copy,
-    use_fast_load), and every tensor is checked against the model's before any is changed. On the CPU the
-    parameters and buffers become copy-on-write views of the new version's shared copy (no copy; the old
-    version's memory is released); on a GPU the new bytes are copied into the existing device tensors
+    use_fast_load, share_gpu), and every tensor is checked against the model's before any is changed. On the
+    CPU the parameters and buffers become copy-on-write views of the new version's shared copy (no copy; the
+    old version's memory is released); on a GPU the new bytes are copied into the existing device tensors
     (``data_ptr`` unchanged, through one staging copy of the model on the GPU, or straight from the
-    shared host memory where the GPU has no room for it).
+    shared host memory where the GPU has no room for it). With ``share_gpu=True`` the tensors are pointed at
+    the new version's one shared copy on this GPU (``data_ptr`` changes: see ``docs/updates.md``); the first
+    actor on the GPU to update starts it, the others map it, and the old copy is freed once no actor maps it.
 
     Args:
         model: a model returned by :func:`~ray_zerocopy.load.load_model_in_actor` (or a ``torch.compile``
@@ -55,8 +65,11 @@ def update_model_in_actor(model: torch.nn.Module, new_ref: ModelRef | Any) -> to
     Raises:
         UpdateMismatchError: the new version's tensor names, shapes, dtypes or ties differ (named); the model
             keeps its previous weights.
-        UpdateNotSupportedError: the model was loaded with ``share_gpu=True`` (not supported yet).
+        UpdateNotSupportedError: the model is one of a pipeline's models prepared together (shared submodules)
+            and was loaded with ``share_gpu=True`` (only from :func:`update_pipeline_in_actor`).
         WeightsLostError, InvalidModelRefError: as :func:`~ray_zerocopy.load.load_model_in_actor`.
+        Exception: with ``share_gpu=True``, whatever kept the new version's holder from starting (e.g.
+            ``torch.cuda.OutOfMemoryError`` in it: the GPU needs room for a second copy during the update).
 
     Example:
         >>> model = load_model_in_actor(ref_v1)  # doctest: +SKIP
@@ -64,10 +77,12 @@ def update_model_in_actor(model: torch.nn.Module, new_ref: ModelRef | Any) -> to
     """
     live = _unwrapped(model)
     options = _options_of(live)
-    new = _load_new(new_ref, options)
-    pairs = paired_tensors([(live, new)])
-    with _gate(live).writing():
-        swap(pairs)
+    versions = _Versions()
+    try:
+        new = versions.load(live, new_ref, options)
+        versions.apply(live, [(live, new)])
+    finally:
+        versions.abort()  # (what an update that did not complete had attached to)
     return model
 
 
@@ -90,22 +105,23 @@ def update_pipeline_in_actor(pipeline: Any, new_refs: Mapping[str, ModelRef] | A
         >>> skeleton, refs_v2 = rewrite_pipeline_for_actors(new_pipe)  # driver  # doctest: +SKIP
         >>> update_pipeline_in_actor(pipe, refs_v2)  # actor  # doctest: +SKIP
     """
-    import ray
-
     refs = ray.get(new_refs) if isinstance(new_refs, ray.ObjectRef) else new_refs
     model_attrs(pipeline, list(refs))  # (raises for a name that is not a model attribute)
+    lives = {name: _unwrapped(get_attr(pipeline, name)) for name in refs}
+    options = {name: _options_of(live) for name, live in lives.items()}  # (refusals before anything is loaded)
     loaded: dict[str, torch.nn.Module] = {}  # by uid: models prepared together are loaded together
     couples = []
-    for name, given in refs.items():
-        ref = as_model_ref(given)
-        live = _unwrapped(get_attr(pipeline, name))
-        if ref.uid not in loaded:
-            loaded[ref.uid] = _load_new(dataclasses.replace(ref, member=None), _options_of(live))
-        new = loaded[ref.uid]
-        couples.append((live, new if ref.member is None else cast(torch.nn.ModuleList, new)[ref.member]))
-    pairs = paired_tensors(couples)
-    with _gate(pipeline).writing():
-        swap(pairs)
+    versions = _Versions()
+    try:
+        for name, given in refs.items():
+            ref = as_model_ref(given)
+            if ref.uid not in loaded:
+                loaded[ref.uid] = versions.load(lives[name], dataclasses.replace(ref, member=None), options[name])
+            new = loaded[ref.uid]
+            couples.append((lives[name], new if ref.member is None else cast(torch.nn.ModuleList, new)[ref.member]))
+        versions.apply(pipeline, couples)
+    finally:
+        versions.abort()
     return pipeline
 
 
@@ -114,17 +130,83 @@ def _unwrapped(model: Any) -> torch.nn.Module:
 
 
 def _options_of(model: torch.nn.Module) -> LoadOptions:
-    """How the model was loaded (recorded by the load), else default options on its tensors' device."""
-    if "_rzc_guard" in vars(model):
+    """How the model was loaded (recorded by the load), else default options on its tensors' device.
+    ``share_gpu`` stays on only where the model does map a shared copy (:func:`_maps_shared_copy`)."""
+    if _maps_shared_copy(model) and vars(model).get("_rzc_via_root"):
         raise UpdateNotSupportedError(
-            "the model maps a GPU copy shared with other actors (loaded with share_gpu=True), and updating "
-            "that copy under the other actors' calls is not supported yet",
-            "load it without share_gpu=True (a private device copy per actor), or start new actors on the new ref")
+            "the model is one of a pipeline's models prepared together (they share submodules), loaded with "
+            "share_gpu=True: they map one shared device copy together, and moving one of them onto a new "
+            "copy alone is not supported",
+            "load that pipeline without share_gpu=True (a private device copy per actor), or give its models "
+            "no shared submodules, or load the new version with load_pipeline_in_actor")
     options = vars(model).get("_rzc_options")
     if options is None:
         devices = {t.device for _, t, _ in named_tensors(model)} - {torch.device("meta")}
         options = LoadOptions(device=devices.pop() if len(devices) == 1 else None)
+    if options.share_gpu and not _maps_shared_copy(model):  # (sharing fell back to a private copy at load)
+        options = dataclasses.replace(options, share_gpu=False)
     return options
+
+
+def _maps_shared_copy(model: torch.nn.Module) -> bool:
+    """Whether the model was loaded with ``share_gpu=True`` and shares a device copy (its parameters are
+    watched by the write guard; a first load may still be moving onto the holder's copy)."""
+    return "_rzc_guard" in vars(model)
+
+
+class _Versions:
+    """The new versions one update loads. A model that maps a GPU's shared copy takes the new version's
+    shared copy: its holder counts this process as a user from :meth:`load` on, and is let go again by
+    :meth:`abort` unless :meth:`apply` completed (then the model is held by it instead of the old one)."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[torch.nn.Module, Any]] = []  # (live model, the new version's holder)
+        self.shared: list[torch.nn.Module] = []  # live models whose tensors are pointed at the new ones
+
+    def load(self, live: torch.nn.Module, new_ref: Any, options: LoadOptions) -> torch.nn.Module:
+        """The new version of ``live``, loaded as ``options`` say."""
+        if not options.share_gpu:
+            return _load_new(new_ref, options)
+        from ray_zerocopy import gpu_share
+
+        wait_shared(live)  # (a first load may still be moving onto the holder's copy: that move ends first)
+        with torch.inference_mode(False):
+            new, holder = gpu_share.shared_version(as_model_ref(new_ref), resolve_device(options.device),
+                                                   options.dtype, as_parameters=not options.use_fast_load)
+        self.moves.append((live, holder))
+        self.shared.append(live)
+        return new
+
+    def apply(self, gated: Any, couples: list[tuple[torch.nn.Module, torch.nn.Module]]) -> None:
+        """Check every pair, then swap them while no call holds ``gated``'s weights (:func:`hold_weights`)."""
+        pairs, owners = _paired(couples)
+        shared = {id(m) for m in self.shared}  # nothing is written into memory that other actors map: each
+        repoint = {id(p[1]) for p, i in zip(pairs, owners) if id(couples[i][0]) in shared}  # tensor re-pointed
+        with _gate(gated).writing():
+            old = swap(pairs, repoint)
+            moves, self.moves = self.moves, []  # (from here on the models map the new copies)
+            if retired := [t for t in old if t.device.type == "cpu"]:
+                _retire(retired)
+            del old, retired  # the old shared copies' mappings close here (swap waited for the work queued on them)...
+            if not moves:
+                return
+            from ray_zerocopy import gpu_share
+
+            for live, holder in moves:  # ...before their holders are let go
+                gpu_share.move_to(live, holder)
+                vars(live)["_rzc_guard"].reset(lambda h=holder: ray.get(h.restore.remote()))
+            torch.cuda.empty_cache()  # (private buffers, or a copy of its own a first load kept, go back)
+
+    def abort(self) -> None:
+        """Let go of the new versions' holders that no model was moved onto (the update did not complete). They
+        linger as after a last user (the other actors on the GPU are likely to try the same version)."""
+        if not self.moves:
+            return
+        from ray_zerocopy import gpu_share
+
+        for _, holder in self.moves:
+            gpu_share.release(holder, os.getpid())
+        self.moves = []
 
 
 def _load_new(new_ref: Any, options: LoadOptions) -> torch.nn.Module:
@@ -184,12 +266,18 @@ def paired_tensors(couples: Iterable[tuple[torch.nn.Module, torch.nn.Module]]) -
     Example:
         >>> pairs = paired_tensors([(model, new_version)])  # doctest: +SKIP
     """
+    return _paired(couples)[0]
+
+
+def _paired(couples: Iterable[tuple[torch.nn.Module, torch.nn.Module]]) -> tuple[list[Pair], list[int]]:
+    """:func:`paired_tensors`, and for each pair the index of the couple it is of."""
     pairs: list[Pair] = []
+    owners: list[int] = []
     seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(live tensor) -> (first name, new tensor)
     missing: list[str] = []
     unexpected: list[str] = []
     mismatched: list[tuple[str, tuple[str, tuple], tuple[str, tuple]]] = []
-    for live, new in couples:
+    for index, (live, new) in enumerate(couples):
         old_named, new_named = dict(_named(live)), dict(_named(new))
         missing += [n for n in old_named if n not in new_named]
         unexpected += [n for n in new_named if n not in old_named]
@@ -206,33 +294,39 @@ def paired_tensors(couples: Iterable[tuple[torch.nn.Module, torch.nn.Module]]) -
             else:
                 seen[id(t)] = (name, u)
                 pairs.append((name, t, u))
+                owners.append(index)
     if missing or unexpected or mismatched:
         raise UpdateMismatchError(missing, unexpected, mismatched)
-    return pairs
+    return pairs, owners
 
 
-def swap(pairs: list[Pair]) -> None:
-    """Give each live tensor its new data: CPU tensors view the new bytes (``.data``), device tensors get
-    them copied in (same address). Where a CPU swap fails midway, the swapped tensors get their old data back."""
+def swap(pairs: list[Pair], repoint: Collection[int] = ()) -> list[torch.Tensor]:
+    """Give each live tensor its new data: CPU tensors, and those whose ``id`` is in ``repoint``, view the new
+    tensor (``.data``: the object stays, its address changes), other device tensors get the bytes copied in
+    (same address). Where a re-pointing fails midway, the re-pointed tensors get their old data back.
+
+    Returns:
+        The old data of the re-pointed tensors (work queued on a GPU has run: they may be dropped).
+    """
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
     devices = set()
     try:
         with torch.no_grad():
             for _, live, new in pairs:
-                if live.device.type == "cpu" and new.device.type == "cpu":
+                if id(live) in repoint or (live.device.type == "cpu" and new.device.type == "cpu"):
                     done.append((live, live.data))
                     live.data = new.detach()
                 else:
                     live.detach().copy_(new)
-                    devices.add(live.device)
+                devices.add(live.device)
     except BaseException:
         for live, old in done:
             live.data = old
         raise
-    _retire([old for _, old in done])
     for dev in devices:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)  # the staging copy is freed once every copy from it has run
+        if dev.type == "cuda":  # the staging copy is freed once every copy from it has run, and the old
+            torch.cuda.synchronize(dev)  # data of a re-pointed tensor once every call queued on it has
+    return [old for _, old in done]
 
 
 RETIRE_S = 2.0  # how long an old version's CPU tensors outlive the swap
@@ -302,8 +396,9 @@ def hold_weights(model: Any) -> contextlib.AbstractContextManager[None]:
     waits until every block that holds it has ended, and blocks that start meanwhile wait until the update
     is done: a call inside the block sees one version only. Needed only where calls run in threads next to an
     update (Ray Serve's sync methods, actors with ``max_concurrency`` > 1); a plain Ray actor runs one method
-    at a time. Blocks do not wait for each other. Do not update the model from inside its own block (it
-    would wait for itself).
+    at a time. With ``share_gpu=True`` a threaded call outside the block may also read the old device copy
+    after the update has let it go (a CUDA error), so there every threaded call must hold it. Blocks do not
+    wait for each other. Do not update the model from inside its own block (it would wait for itself).
 
     Args:
         model: the object that updates are applied to (the loaded model, its ``torch.compile`` wrapper, or

@@ -17,6 +17,7 @@ import torch
 
 from ray_zerocopy import (
     UpdateMismatchError,
+    UpdateNotSupportedError,
     hold_weights,
     load_model_in_actor,
     load_pipeline_in_actor,
@@ -175,6 +176,82 @@ def test_pipeline_update_updates_every_model_and_keeps_shared_submodules_shared(
     assert torch.equal(pipe(x), new(x))
     assert pipe.encoder[0] is pipe.decoder[0]
     assert weights == [id(p) for m in (pipe.encoder, pipe.decoder, pipe.head) for p in m.parameters()]
+
+
+def test_share_gpu_update_bookkeeping_with_a_fake_holder(ray_local, monkeypatch):
+    """The share_gpu update path, run on the CPU (its GPU run: test_update_gpu.py): a fake holder per ref hands
+    out tensors of that ref. The model is pointed at the new version's tensors (same objects, ties kept), the
+    old holder is let go at once and the new one held (let go when the model is collected); a refused
+    update, or one whose holder fails, changes nothing and keeps no new holder."""
+    import gc
+
+    from ray_zerocopy import gpu_share
+    from ray_zerocopy._tensors import rebuild_model, weight_kinds
+    from ray_zerocopy.guard import guard_model
+    from ray_zerocopy.load import LoadOptions
+    from ray_zerocopy.plugins import get_backend
+
+    copies: dict[str, dict[str, torch.Tensor]] = {}
+    released: list[tuple[str, bool]] = []
+
+    def attached(ref, device, dtype):
+        assert device == torch.device("cpu") and dtype is None
+        if ref.uid == broken.uid:
+            raise RuntimeError("the holder did not start")
+        copies[ref.uid] = {k: t.clone() for k, t in get_backend(ref.backend).get(ref.payload, device).items()}
+        return dict(copies[ref.uid]), ref.uid
+
+    monkeypatch.setattr(gpu_share, "attached", attached)
+    monkeypatch.setattr(gpu_share, "release", lambda holder, pid, linger=True: released.append((holder, linger)))
+    v1, v2 = zoo_model("hard_cases", seed=0), zoo_model("hard_cases", seed=1)
+    ref1, ref2 = prepare_model_for_actors(v1), prepare_model_for_actors(v2)
+    broken = prepare_model_for_actors(zoo_model("hard_cases", seed=2))
+    params = {name for name, is_param in weight_kinds(ref1.skeleton) if is_param}
+    tensors = {k: t if k in params else t.clone() for k, t in attached(ref1, torch.device("cpu"), None)[0].items()}
+    placed: list = []  # (the model as a share_gpu load builds it around the holder's tensors: buffers private)
+    model = rebuild_model(ref1.skeleton, tensors, ref1.layouts, placed=placed)
+    guard_model(model, [(n, t) for n, t in placed if n in params], restore=None)
+    gpu_share.hold(model, ref1.uid)
+    model.__dict__["_rzc_options"] = LoadOptions(share_gpu=True)
+    objects = [id(t) for t in [*model.parameters(), *model.buffers()]]
+    old_copy = {k: t.detach() for k, t in copies[ref1.uid].items()}  # (views of the old copy's memory)
+    old_bytes = {k: t.clone() for k, t in old_copy.items()}
+    x = zoo_input()
+
+    update_model_in_actor(model, ref2)
+    assert torch.equal(_outputs(model, x), _outputs(v2, x))
+    assert objects == [id(t) for t in [*model.parameters(), *model.buffers()]]
+    assert model.heads["out"].weight is model.embed.weight
+    assert model.embed.weight.data_ptr() == copies[ref2.uid]["embed.weight"].data_ptr()  # (pointed, not copied)
+    assert [k for k, t in old_copy.items() if not torch.equal(t, old_bytes[k])] == []  # the old copy: not written
+    assert released == [(ref1.uid, False)]
+    assert gpu_share._held[model].peek()[2][0] == ref2.uid
+    assert vars(model)["_rzc_guard"].restore is not None
+
+    with pytest.raises(UpdateMismatchError):
+        update_model_in_actor(model, prepare_model_for_actors(zoo_model("hard_cases", seed=1).half()))
+    assert released[1][1] is True and released[1][0] not in (ref1.uid, ref2.uid)  # its holder let go (it lingers)
+    with pytest.raises(RuntimeError, match="the holder did not start"):
+        update_model_in_actor(model, broken)
+    assert len(released) == 2  # (nothing was counted by a holder that did not answer)
+    assert torch.equal(_outputs(model, x), _outputs(v2, x))
+    assert gpu_share._held[model].peek()[2][0] == ref2.uid
+
+    del model
+    gc.collect()
+    assert released[2:] == [(ref2.uid, True)]
+
+
+def test_share_gpu_update_of_a_model_prepared_with_others_is_refused(ray_local):
+    """Models of a pipeline that share submodules map one device copy together (share_gpu): refused, unchanged."""
+    skeleton, refs1 = rewrite_pipeline_for_actors(_Pipe(0))
+    pipe = load_pipeline_in_actor(skeleton, refs1)
+    pipe.encoder.__dict__["_rzc_guard"] = object()  # (as a share_gpu load leaves it)
+    x = torch.randn(3, 8)
+    before = pipe(x)
+    with pytest.raises(UpdateNotSupportedError, match="prepared together"):
+        update_pipeline_in_actor(pipe, rewrite_pipeline_for_actors(_Pipe(1))[1])
+    assert torch.equal(pipe(x), before)
 
 
 @pytest.mark.parametrize("hold", [True, False])
