@@ -92,7 +92,7 @@ class ObjectStoreBackend(Backend):
         client = ray.util.client.ray.is_connected()
         # (Ray Client pickles in band: buffers would reach the server as bytes, which its ray.put keeps in band,
         # so every actor would get a private copy; numpy arrays it keeps out of band, in shared memory)
-        ref = ray.put({k: np.frombuffer(b, np.uint8) for k, b in buffers.items()} if client else _Buffers(buffers))
+        ref = ray.put({k: np.frombuffer(b.raw(), np.uint8) for k, b in buffers.items()} if client else _Buffers(buffers))
         specs = {k: spec_of(t) for k, t in weights.items()}
         # read once here, so that actors need not read every array's address (tensors_in_arrays);
         # not through Ray Client, where ray.get would download the whole object
