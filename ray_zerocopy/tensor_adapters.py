@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ray_zerocopy._tensors import view_key
 from ray_zerocopy.hookspecs import hookimpl
 
 
@@ -95,6 +96,8 @@ class BitsAndBytesAdapter(TensorAdapter):
                 fields["nested_quant_map"] = quant.state2.code
             inner.update({k: v for k, v in fields.items() if isinstance(v, torch.Tensor)})
             quant_meta = {k: v for k, v in fields.items() if not isinstance(v, torch.Tensor)}
+        if isinstance(state.get("CB"), torch.Tensor) and view_key(state["CB"]) == view_key(t):
+            state["CB"] = "data"  # (Int8Params' CB is its data: rebuilt as that, not stored as a second tensor)
         for key in self._SCALES:
             if isinstance(state.get(key), torch.Tensor):
                 inner[key] = state.pop(key)
@@ -115,6 +118,8 @@ class BitsAndBytesAdapter(TensorAdapter):
         for key in cls._SCALES:
             if key in inner:
                 setattr(param, key, inner[key])
+        if isinstance(state.get("CB"), str):
+            param.CB = data
         return param
 
 
