@@ -22,7 +22,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
 
-from ray_zerocopy import CheckpointError, load_model_in_actor, prepare_model_for_actors
+from ray_zerocopy import CheckpointError, load_model_in_actor, prepare_model_for_actors, update_model_in_actor
 from ray_zerocopy.backend import dtype_from_name
 from ray_zerocopy.checkpoint import read_specs
 from ray_zerocopy.hf import build_skeleton, prepare_pretrained
@@ -38,8 +38,8 @@ IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 @functools.cache
-def _dense(tied: bool = False) -> str:
-    torch.manual_seed(0)
+def _dense(tied: bool = False, seed: int = 0) -> str:
+    torch.manual_seed(seed)
     path = tempfile.mkdtemp(prefix="rzc-dense-")
     model = LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=tied)).eval()
     (model.to(torch.bfloat16) if tied else model).save_pretrained(path)
@@ -75,10 +75,11 @@ DEFAULT_TIER = {"bnb-nf4-double", "torchao-int8-weight-only"}
 
 
 @functools.cache
-def _saved(recipe: str) -> str:
+def _saved(recipe: str, seed: int = 0) -> str:
     """A folder that save_pretrained wrote from the model quantized by ``recipe`` (transformers' own API)."""
     make_config, _, options, tied = RECIPES[recipe]
-    model = AutoModelForCausalLM.from_pretrained(_dense(tied), quantization_config=make_config(), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(_dense(tied, seed), quantization_config=make_config(),
+                                                 device_map="cpu")
     path = tempfile.mkdtemp(prefix=f"rzc-{recipe}-")
     model.save_pretrained(path, **options)
     return path
@@ -112,7 +113,8 @@ def test_saved_quantized_folder_is_prepared_from_its_files(ray_local, backend, r
     expected = _expected(folder)
     skeleton = build_skeleton(folder)
     buffers = dict(skeleton.named_buffers())
-    held = [n for n, t in unique_tensors(skeleton) if not t.is_meta and n not in buffers]
+    # (scalars excepted: bitsandbytes' nested offset is a number of the settings, read from the file)
+    held = [n for n, t in unique_tensors(skeleton) if not t.is_meta and n not in buffers and t.dim()]
     assert held == [], f"the driver's skeleton holds weight data: {held}"
     ref = prepare_model_for_actors(skeleton, backend=backend, checkpoint=folder)
     # stored: the checkpoint's tensors at their size (settings excepted) and the buffers it lacks, nothing twice
@@ -128,6 +130,23 @@ def test_prepare_pretrained_of_a_quantized_folder(ray_local):
     folder = _saved("bnb-nf4-double")
     logits, kind, outside, _ = ray.get(_load_and_run.remote(prepare_pretrained(folder), IDS))
     assert kind == "Params4bit" and outside == [] and torch.equal(logits, _expected(folder))
+
+
+@ray.remote(num_cpus=0.5)
+def _run_update_run(ref, new_ref, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model = load_model_in_actor(ref)
+    with torch.no_grad():
+        before = model(ids).logits
+        update_model_in_actor(model, new_ref)
+        return before, model(ids).logits
+
+
+def test_a_new_saved_version_updates_a_live_model(ray_local):
+    """``like=``: the folder of a new version (other absmax, other nested offsets) moves into a live model."""
+    old, new = _saved("bnb-nf4-double"), _saved("bnb-nf4-double", seed=1)
+    ref = prepare_pretrained(old)
+    before, after = ray.get(_run_update_run.remote(ref, prepare_pretrained(new, like=ref), IDS))
+    assert torch.equal(before, _expected(old)) and torch.equal(after, _expected(new))
 
 
 @pytest.mark.unit
