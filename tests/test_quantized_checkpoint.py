@@ -22,7 +22,13 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
 
-from ray_zerocopy import CheckpointError, load_model_in_actor, prepare_model_for_actors, update_model_in_actor
+from ray_zerocopy import (
+    CheckpointError,
+    CheckpointMismatchError,
+    load_model_in_actor,
+    prepare_model_for_actors,
+    update_model_in_actor,
+)
 from ray_zerocopy.backend import dtype_from_name
 from ray_zerocopy.checkpoint import read_specs
 from ray_zerocopy.hf import build_skeleton, prepare_pretrained
@@ -160,3 +166,18 @@ def test_a_quantization_method_the_route_does_not_rebuild_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"quant_method='gptq'.*Fix: load the model in the driver") as info:
         prepare_pretrained(tmp_path)
     assert info.value.path == tmp_path
+
+
+@pytest.mark.unit
+def test_a_quantized_folder_missing_a_statistic_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(_saved("bnb-nf4-double"))
+    for file in folder.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight.absmax"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError) as info:
+        build_skeleton(tmp_path)
+    assert info.value.missing == ["model.layers.1.mlp.up_proj.weight.absmax"]
