@@ -143,8 +143,8 @@ def saved_names(name: str) -> tuple[str, ...]:
     prefix = f"{module}." if module else ""
     return (name,
             outer if key == "data" else f"{outer}.{key}",  # bitsandbytes: weight, weight.absmax, weight.quant_map, ...
-            f"{prefix}{key}",  # bitsandbytes 8-bit: the row scales (SCB) beside the weight
-            f"{prefix}_{weight}_{key}")  # torchao's flatten_tensor_state_dict: _weight_qdata, _weight_scale, ...
+            f"{prefix}_{weight}_{key}",  # torchao's flatten_tensor_state_dict: _weight_qdata, _weight_scale, ...
+            *([f"{prefix}SCB"] if key == "SCB" else []))  # bitsandbytes 8-bit: the row scales beside the weight
 
 
 def metadata_only(name: str, adapted: Mapping[str, str]) -> bool:
