@@ -97,8 +97,9 @@ def _shareable(t: torch.Tensor) -> bool:
 class _Splitter:
     """The unique weights of one model, and the persistent id of every tensor object put into its skeleton."""
 
-    def __init__(self, adapters: Sequence[Any] = ()) -> None:
+    def __init__(self, adapters: Sequence[Any] = (), allow_meta: bool = False) -> None:
         self.adapters = adapters
+        self.allow_meta = allow_meta  # (inner tensors of a quantized weight that a checkpoint fills: see hf.py)
         self.recipes: dict[int, tuple] = {}  # id of an adapted tensor -> the args of _rebuild_adapted
         self.adapted: dict[str, str] = {}  # name of an adapted tensor -> its type
         self.inner: set[str] = set()  # stored names that an adapted tensor is rebuilt from
@@ -165,7 +166,7 @@ class _Splitter:
             if nested is not None:
                 self.add_adapted(sub, it, is_param, nested)
                 continue
-            check_tensor(sub, it)
+            check_tensor(sub, it, self.allow_meta)
             self.add(sub, it, is_param)  # (is_param: shared like its parameter under share_gpu)
             self.inner.add(sub)
         self.recipes[id(t)] = (type(adapter).unflatten, inner, meta, is_param)
@@ -209,7 +210,7 @@ def split_model(model: torch.nn.Module, allow_meta: bool = False, adapters: Sequ
     With ``with_skeleton=False`` the model is not pickled (the skeleton is empty; tensors that only pickling
     finds, reached through other objects, are missing): the weights of a new version of a prepared model.
     """
-    split = _Splitter(adapters)
+    split = _Splitter(adapters, allow_meta)
     for module_name, module in model.named_modules():
         check_module(module_name, module)
     for name, t, is_param in named_tensors(model):

@@ -116,7 +116,7 @@ def match(split: SplitModel, specs: Mapping[str, Spec], path: object) -> dict[st
         groups[name].append(alias)
     sources, missing, mismatched = {}, [], []
     for name, names in groups.items():
-        found = next((n for n in names if n in specs), None)
+        found = next((s for n in names for s in saved_names(n) if s in specs), None)
         t = split.originals[name]
         if found is None:
             if t.is_meta:
@@ -125,11 +125,35 @@ def match(split: SplitModel, specs: Mapping[str, Spec], path: object) -> dict[st
         sources[name] = found
         if specs[found] != (dtype_name(t.dtype), tuple(t.shape)):
             mismatched.append((found, (dtype_name(t.dtype), tuple(t.shape)), specs[found]))
-    known = {n for names in groups.values() for n in names}
-    unexpected = sorted(n for n in specs if n not in known)
+    known = {*sources.values(), *(n for names in groups.values() for n in names)}
+    unexpected = sorted(n for n in specs if n not in known and not metadata_only(n, split.adapted))
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(path, missing, unexpected, mismatched)
     return sources
+
+
+def saved_names(name: str) -> tuple[str, ...]:
+    """The names a checkpoint may hold stored tensor ``name`` under: its own, and for an inner tensor of a
+    quantized weight (``<module>.<weight>:<key>``, see ``tensor_adapters.py``) the names its library's
+    ``save_pretrained`` gives it."""
+    outer, sep, key = name.partition(":")
+    if not sep:
+        return (name,)
+    module, _, weight = outer.rpartition(".")
+    prefix = f"{module}." if module else ""
+    return (name,
+            outer if key == "data" else f"{outer}.{key}",  # bitsandbytes: weight, weight.absmax, weight.quant_map, ...
+            f"{prefix}_{weight}_{key}",  # torchao's flatten_tensor_state_dict: _weight_qdata, _weight_scale, ...
+            *([f"{prefix}SCB"] if key == "SCB" else []))  # bitsandbytes 8-bit: the row scales beside the weight
+
+
+def metadata_only(name: str, adapted: Mapping[str, str]) -> bool:
+    """True for a checkpoint entry of a quantized weight that holds no weight data, only settings that were
+    read when the skeleton was built (bitsandbytes' packed ``quant_state``, its 8-bit ``weight_format``)."""
+    outer, sep, _ = name.partition(".quant_state.bitsandbytes__")
+    if sep:
+        return outer in adapted
+    return name.endswith(".weight_format") and name.removesuffix("_format") in adapted
 
 
 def weights_from(path: str | os.PathLike, split_weights: Mapping[str, torch.Tensor | None],

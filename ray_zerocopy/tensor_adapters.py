@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ray_zerocopy._tensors import view_key
 from ray_zerocopy.hookspecs import hookimpl
 
 
@@ -74,7 +75,8 @@ class WrapperSubclassAdapter(TensorAdapter):
 
 class BitsAndBytesAdapter(TensorAdapter):
     """bitsandbytes' ``Params4bit`` and ``Int8Params``: the packed data, plus the quantization state's
-    tensors (``QuantState.as_dict()`` keys, the names bitsandbytes saves them under) and scales."""
+    tensors (``QuantState.as_dict()`` keys, the names bitsandbytes saves them under; the nested offset as a
+    scalar tensor, not the number ``as_dict`` gives) and scales (``CB``, where it is the data, is not stored twice)."""
 
     name = "bitsandbytes"
     _TYPES = ("Params4bit", "Int8Params")
@@ -91,10 +93,13 @@ class BitsAndBytesAdapter(TensorAdapter):
         quant_meta = None
         if quant is not None:
             fields = quant.as_dict()
-            if quant.nested:  # (as_dict clones it: the stored table would be a copy, not the model's)
+            if quant.nested:  # (as_dict clones the table: the stored one would be a copy, not the model's)
                 fields["nested_quant_map"] = quant.state2.code
+                fields["nested_offset"] = quant.offset  # (as_dict gives a number: pickled, a new version would miss it)
             inner.update({k: v for k, v in fields.items() if isinstance(v, torch.Tensor)})
             quant_meta = {k: v for k, v in fields.items() if not isinstance(v, torch.Tensor)}
+        if isinstance(state.get("CB"), torch.Tensor) and view_key(state["CB"]) == view_key(t):
+            state["CB"] = "data"  # (Int8Params' CB is its data: rebuilt as that, not stored as a second tensor)
         for key in self._SCALES:
             if isinstance(state.get(key), torch.Tensor):
                 inner[key] = state.pop(key)
@@ -111,10 +116,16 @@ class BitsAndBytesAdapter(TensorAdapter):
             from bitsandbytes.functional import QuantState
 
             tensors = {k: v for k, v in inner.items() if k not in ("data", *cls._SCALES)}
-            param.quant_state = QuantState.from_dict({**quant_meta, **tensors}, device=data.device)
+            offset = tensors.pop("nested_offset", None)  # (from_dict wants a number: the stored tensor goes in after)
+            settings = {**quant_meta, **tensors, **({} if offset is None else {"nested_offset": 0.0})}
+            param.quant_state = QuantState.from_dict(settings, device=data.device)
+            if offset is not None:
+                param.quant_state.offset = offset
         for key in cls._SCALES:
             if key in inner:
                 setattr(param, key, inner[key])
+        if isinstance(state.get("CB"), str):
+            param.CB = data
         return param
 
 
