@@ -165,6 +165,7 @@ finally:
 """
 
 
+@pytest.mark.slow  # (a Ray of its own in a subprocess)
 def test_works_with_rays_zero_copy_torch_flag(tmp_path):
     """RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 changes how Ray pickles tensors; we must not care."""
     env = dict(os.environ, RAY_ENABLE_ZERO_COPY_TORCH_TENSORS="1")

@@ -22,6 +22,7 @@ from ray_zerocopy.testing import GENERIC_BAD_PAYLOADS, KIT_MODELS, check_backend
 EXAMPLE_DIST, EXAMPLE_BACKEND = "rzc-safetensors-file", "safetensors_file"
 
 
+@pytest.mark.other_backends_slow  # (the whole kit per backend)
 def test_backend_passes_the_conformance_kit(ray_local, backend):
     passed = check_backend(backend)
     assert passed[:1 + len(KIT_MODELS)] == ["dtype round trip", *(f"model {m}" for m in KIT_MODELS)]

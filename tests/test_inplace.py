@@ -60,6 +60,7 @@ def _anonymous_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:"))
 
 
+@pytest.mark.other_backends_slow  # (each case crashes and replaces a worker)
 @pytest.mark.parametrize("target", ["inner.embed.weight", "inner.blocks.0.1.running_mean"])
 def test_a_write_stays_private_to_the_writer(ray_local, backend, target):
     model = WritesWeight(target).eval()
@@ -312,6 +313,7 @@ class WritingUDF:
         return {"row": batch["row"], "pred": out.argmax(-1).numpy()}
 
 
+@pytest.mark.slow  # (a Ray Data job)
 def test_ray_data_job_whose_udf_writes_completes(ray_local):
     from ray.data import ActorPoolStrategy
 

@@ -49,6 +49,7 @@ def test_four_actors_share_one_copy(ray_local):
     assert sum(added) < 0.25 * size, f"4 actors added {sum(added) / 2**20:.0f} MiB private for a {size / 2**20:.0f} MiB model"
 
 
+@pytest.mark.slow  # (the baseline: four private copies)
 def test_plain_ray_get_copies_per_actor(ray_local):
     """The control: the same probe sees each actor's private copy when weights are deserialized normally."""
     model = _mlp()

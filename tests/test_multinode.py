@@ -18,7 +18,7 @@ from ray_zerocopy import load_model_in_actor, prepare_model_for_actors
 from ray_zerocopy.plugins import get_backend
 from ray_zerocopy.testing import tensors_outside_shared_memory
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]  # (clusters of several raylets: the slow tier)
 
 NODES = ("node_a", "node_b")
 ACTORS_PER_NODE = (1, 3)  # one copy per node whether one actor or three load there

@@ -17,7 +17,7 @@ from test_multinode import _bytes_per_node
 
 from ray_zerocopy import PrepareNodeError, WeightsLostError, load_model_in_actor, prepare_model_for_actors
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]  # (clusters of several raylets: the slow tier)
 MB = 1024**2
 HEAD_STORE = 100 * MB  # smaller than the model
 

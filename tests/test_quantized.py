@@ -247,7 +247,8 @@ def _shared(t: torch.Tensor) -> bool:
     return any(lo <= t.data_ptr() < hi for lo, hi in merged_mappings(STORE_MARKER))
 
 
-@pytest.mark.parametrize("recipe", ["torchao-int8-weight-only", "quanto-qint4", "hf-bnb-nf4", "hf-bnb-8bit"])
+@pytest.mark.parametrize("recipe", ["torchao-int8-weight-only", *(
+    pytest.param(r, marks=pytest.mark.slow) for r in ("quanto-qint4", "hf-bnb-nf4", "hf-bnb-8bit"))])
 def test_update_of_a_quantized_model_in_place(ray_local, recipe):
     """A new quantized version moves into the live model: the same parameter objects, the new outputs."""
     from ray_zerocopy import update_model_in_actor
