@@ -1,12 +1,13 @@
-"""Per-GPU holder of a model: one device copy that every actor on a GPU maps (``share_gpu``). The
-per-GPU copier (opt-in) is in ``gpu_copier.py``; both are detached actors (``_detached.py``).
+"""``share_gpu``: a per-GPU holder of a model's one device copy, and the loads that map it and move onto it.
+The per-GPU copier (opt-in) is in ``gpu_copier.py``; both are detached actors (``_detached.py``).
 
 ``load_model_in_actor(ref, device="cuda", share_gpu=True)``: the first actor on a physical GPU
 starts a small holder actor for that model and GPU, which copies the weights from the object
 store to the GPU once (through the fast host-to-device path) and exports CUDA IPC handles; every
 actor on that GPU maps the holder's device memory (no copy, no new device memory) and rebuilds the
-model around it. An actor that loads while the holder starts (seconds) does not wait: it loads a
-copy of its own, and moves onto the holder's copy once that is up (``load._move_onto_holder``).
+model around it (:func:`load_shared`, which ``load.py`` calls). An actor that loads while the holder
+starts (seconds) does not wait: it loads a copy of its own, and moves onto the holder's copy once that
+is up (:func:`wait_shared` waits for the move).
 
 Lifetimes: the holder owns the device memory. It is detached (it survives the actor that
 started it), on the same node, with no CPU or GPU reserved, and named after the model and the
@@ -34,14 +35,17 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
 
+from ray_zerocopy import _cuda
 from ray_zerocopy._detached import Detached, start_detached
-from ray_zerocopy._tensors import cast_floating, rebuild_model, weight_kinds
+from ray_zerocopy._log import warn_once
+from ray_zerocopy._tensors import cast_floating, laid, rebuild_model, weight_kinds
 from ray_zerocopy.backend import dtype_name
+from ray_zerocopy.guard import guard_model
 
 LINGER_S = 2.0  # an unused holder waits this long for a new user before it frees the GPU memory
 ATTACH_TRIES = 3  # a holder that just exited (no users) is replaced by a new one
@@ -204,6 +208,109 @@ def move_to(model: torch.nn.Module, holder: Any) -> None:
         release(previous_holder, pid, linger=False)
 
 
+def load_shared(model_ref: Any, dev: torch.device, fetch: Callable[[], dict[str, torch.Tensor]], *,
+                dtype: torch.dtype | None, as_parameters: bool) -> torch.nn.Module | None:
+    """The model around the device copy shared by every actor on ``dev``'s GPU; None (and one log
+    line) where it cannot be shared, so the caller loads a private copy. ``fetch`` gives the backend's
+    tensors of ``model_ref`` on ``dev`` (cast to ``dtype``): a copy of this model's own.
+
+    Where the holder is not up yet (it starts in seconds), the model gets a copy of its own at once and
+    moves onto the holder's when the holder answers (same bytes; the copy is then freed)."""
+    if dev.type != "cuda":
+        warn_once(f"share_gpu=True has no effect on {dev} (CPU weights are shared host memory anyway)")
+        return None
+    try:
+        attach = Attach(model_ref, dev, dtype)
+        with torch.inference_mode(False):
+            tensors = attach.tensors() if attach.ready(READY_WAIT_S) else None
+    except Exception as exc:  # no CUDA IPC, holder failed to start, ...
+        warn_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
+        return None
+    mapped = tensors is not None
+    if tensors is None:
+        _cuda.warm_ring(dev)
+        tensors = fetch()
+    tensors, params = _private_buffers(model_ref, tensors)  # (an own copy's parameters are freed on the move)
+    placed: list = []
+    model = rebuild_model(model_ref.skeleton, tensors, model_ref.layouts, as_parameters=as_parameters, placed=placed)
+    shared = [(name, t) for name, t in placed if name in params]
+    if mapped:
+        hold(model, attach.holder)
+        return guard_model(model, shared, restore=lambda: ray.get(attach.holder.restore.remote()))
+    versions = [t._version for _, t in shared]  # (a tensor written before the move is not compared)
+    mover = threading.Thread(target=_move_onto_holder, daemon=True,
+                             args=(weakref.ref(model), attach, shared, versions, model_ref.layouts))
+    mover.start()
+    _moving[model] = mover
+
+    def restore() -> None:
+        mover.join()
+        if attach.moved:  # (a write before the move changed the own copy, which the move replaced)
+            ray.get(attach.holder.restore.remote())
+        else:  # still on its own copy: the stored bytes go back into it
+            fresh = fetch()
+            for name, t in shared:
+                t.data.copy_(laid(fresh[name], name, model_ref.layouts))
+
+    return guard_model(model, shared, restore=restore)
+
+
+_moving: weakref.WeakKeyDictionary[torch.nn.Module, threading.Thread] = weakref.WeakKeyDictionary()
+
+
+def wait_shared(model: torch.nn.Module, timeout: float | None = None) -> bool:
+    """Wait until a model loaded with ``share_gpu=True`` maps the GPU's shared copy (a first load may
+    start on a copy of its own, see :func:`load_shared`); False if it does not within ``timeout``."""
+    mover = _moving.get(model)
+    if mover is not None:
+        mover.join(timeout)
+    return mover is None or not mover.is_alive()
+
+
+def _move_onto_holder(model: weakref.ref, attach: Attach, shared: list[tuple[str, torch.Tensor]], versions: list[int],
+                      layouts: dict) -> None:
+    """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers,
+    where that holds the same bytes as every tensor not written since ``versions`` (else the model keeps
+    its own copy, and one log line says so)."""
+    try:
+        with torch.inference_mode(False):
+            holder = attach.tensors()
+            mapped = {name: laid(holder[name], name, layouts) for name, _ in shared}
+            same = all(_same_bytes(t, mapped[name]) for (name, t), v in zip(shared, versions) if t._version == v)
+    except Exception as exc:
+        warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
+        return
+    alive = model()
+    if alive is None or not same:
+        if alive is not None:
+            warn_once("share_gpu: the holder's copy differs from this model's own copy; the model keeps its own")
+        release(attach.holder, os.getpid())
+        return
+    own = [t.data for _, t in shared]
+    for name, t in shared:
+        t.data = mapped[name]  # (the same bytes; the Parameter object and its version counter stay)
+    for name, p in alive.named_parameters():  # a Parameter subclass stored by an adapter as its bytes under
+        if f"{name}:data" in mapped:          # "data" (bitsandbytes) is a tensor object of its own: move it too
+            p.data = mapped[f"{name}:data"]
+    torch.cuda.synchronize(attach.device)  # work queued on the model's own copy ends before it is freed
+    del own
+    torch.cuda.empty_cache()  # (else the freed copy stays reserved by this process's allocator)
+    attach.moved = True
+    hold(alive, attach.holder)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and torch.equal(
+        a.detach().reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _private_buffers(model_ref: Any, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``tensors`` with every buffer cloned, and the names of the parameters: buffers are private to each actor
+    (models update them: LongRoPE's inv_freq, running statistics); the shared parameters are watched."""
+    params = {name for name, is_param in weight_kinds(model_ref.skeleton) if is_param}
+    return {k: t if k in params else t.clone() for k, t in tensors.items()}, params
+
+
 def attached(model_ref: Any, device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], Any]:
     """Device tensors by name that map the copy of ``model_ref`` shared on ``device``'s GPU, and its holder:
     the holder is started if there is none (the first process to ask starts it, the others get the same
@@ -232,8 +339,7 @@ def shared_version(model_ref: Any, device: torch.device, dtype: torch.dtype | No
     it maps the copy, else :func:`release`)."""
     tensors, holder = attached(model_ref, device, dtype)
     try:
-        params = {name for name, is_param in weight_kinds(model_ref.skeleton) if is_param}
-        tensors = {k: t if k in params else t.clone() for k, t in tensors.items()}
+        tensors, _ = _private_buffers(model_ref, tensors)
         return rebuild_model(model_ref.skeleton, tensors, model_ref.layouts, as_parameters=as_parameters), holder
     except BaseException:
         release(holder, os.getpid())

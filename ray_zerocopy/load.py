@@ -3,15 +3,14 @@
 ``load_model_in_actor`` and ``load_pipeline_in_actor`` take the same keyword arguments; they are
 gathered once into :class:`LoadOptions`, checked once (:meth:`LoadOptions.check`), and every load goes
 through :func:`load_model`: fetch the backend's tensors (CPU copy-on-write views of the object store, or a
-copy on a GPU), or map the device copy a GPU shares (``gpu_share.py``), then rebuild the model around them.
+copy on a GPU), then rebuild the model around them; with ``share_gpu`` on a GPU, ``gpu_share.load_shared``
+builds it around the device copy that GPU shares instead.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,9 +18,8 @@ import ray
 import torch
 
 from ray_zerocopy import _cuda
-from ray_zerocopy._log import warn_once
 from ray_zerocopy._shm import private_views
-from ray_zerocopy._tensors import adapted_tensors, cast_floating, laid, rebuild_model, weight_kinds
+from ray_zerocopy._tensors import adapted_tensors, cast_floating, rebuild_model
 from ray_zerocopy.errors import (
     AdaptedDtypeError,
     BackendMismatchError,
@@ -32,7 +30,6 @@ from ray_zerocopy.errors import (
     SkeletonImportError,
     WeightsLostError,
 )
-from ray_zerocopy.guard import guard_model
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.plugins import check_backend_arg, get_backend
 
@@ -145,7 +142,10 @@ def _load(ref: ModelRef, options: LoadOptions) -> torch.nn.Module:
     if chosen.format_version != ref.format_version:
         raise FormatVersionError(ref.backend, ref.format_version, chosen.format_version)
     if share_gpu:
-        shared = _shared_on_gpu(ref, dev, options, chosen)
+        from ray_zerocopy import gpu_share
+
+        shared = gpu_share.load_shared(ref, dev, lambda: _fetch(ref, chosen, dev, options.dtype),
+                                       dtype=options.dtype, as_parameters=not options.use_fast_load)
         if shared is not None:
             return shared
     with _cuda.copy_source(source):  # (a copier's fill may run while the model is built: it ends with this block)
@@ -209,107 +209,6 @@ def _fetch(ref: ModelRef, chosen: Any, dev: torch.device, dtype: torch.dtype | N
         tensors = chosen.get(ref.payload, dev)
         with _cuda.finished_before_torch_calls():  # (the cast reads the bytes)
             return cast_floating(tensors, dtype) if dtype is not None else tensors
-
-
-def _shared_on_gpu(ref: ModelRef, dev: torch.device, options: LoadOptions, chosen: Any) -> Any:
-    """The model around the device copy shared by every actor on ``dev``'s GPU; None (and one log
-    line) where it cannot be shared, so the caller loads a private copy.
-
-    Where the holder is not up yet (it starts in seconds), the model gets a copy of its own at once and
-    moves onto the holder's when the holder answers (same bytes; the copy is then freed)."""
-    if dev.type != "cuda":
-        warn_once(f"share_gpu=True has no effect on {dev} (CPU weights are shared host memory anyway)")
-        return None
-    from ray_zerocopy import gpu_share
-
-    try:
-        attach = gpu_share.Attach(ref, dev, options.dtype)
-        with torch.inference_mode(False):
-            tensors = attach.tensors() if attach.ready(gpu_share.READY_WAIT_S) else None
-    except Exception as exc:  # no CUDA IPC, holder failed to start, ...
-        warn_once(f"share_gpu: cannot share the device copy ({type(exc).__name__}: {exc}); loading a private copy")
-        return None
-    mapped = tensors is not None
-    if tensors is None:
-        _cuda.warm_ring(dev)
-        tensors = _fetch(ref, chosen, dev, options.dtype)
-    # buffers are private to each actor (models update them: LongRoPE's inv_freq, running statistics);
-    # the shared parameters are watched
-    params = {name for name, is_param in weight_kinds(ref.skeleton) if is_param}
-    tensors = {k: t if k in params else t.clone() for k, t in tensors.items()}  # (own copy: freed on the move)
-    placed: list = []
-    model = rebuild_model(ref.skeleton, tensors, ref.layouts, as_parameters=not options.use_fast_load, placed=placed)
-    shared = [(name, t) for name, t in placed if name in params]
-    if mapped:
-        gpu_share.hold(model, attach.holder)
-        return guard_model(model, shared, restore=lambda: ray.get(attach.holder.restore.remote()))
-    versions = [t._version for _, t in shared]  # (a tensor written before the move is not compared)
-    mover = threading.Thread(target=_move_onto_holder, args=(weakref.ref(model), attach, shared, versions, ref.layouts),
-                             daemon=True)
-    mover.start()
-    _moving[model] = mover
-
-    def restore() -> None:
-        mover.join()
-        if attach.moved:  # (a write before the move changed the own copy, which the move replaced)
-            ray.get(attach.holder.restore.remote())
-        else:  # still on its own copy: the stored bytes go back into it
-            fresh = _fetch(ref, chosen, dev, options.dtype)
-            for name, t in shared:
-                t.data.copy_(laid(fresh[name], name, ref.layouts))
-
-    return guard_model(model, shared, restore=restore)
-
-
-_moving: weakref.WeakKeyDictionary[torch.nn.Module, threading.Thread] = weakref.WeakKeyDictionary()
-
-
-def wait_shared(model: torch.nn.Module, timeout: float | None = None) -> bool:
-    """Wait until a model loaded with ``share_gpu=True`` maps the GPU's shared copy (a first load may
-    start on a copy of its own, see :func:`_shared_on_gpu`); False if it does not within ``timeout``."""
-    mover = _moving.get(model)
-    if mover is not None:
-        mover.join(timeout)
-    return mover is None or not mover.is_alive()
-
-
-def _move_onto_holder(model: weakref.ref, attach: Any, shared: list[tuple[str, torch.Tensor]], versions: list[int],
-                      layouts: dict) -> None:
-    """Point ``shared`` (a model's parameters, on a copy of its own) at the holder's copy once it answers,
-    where that holds the same bytes as every tensor not written since ``versions`` (else the model keeps
-    its own copy, and one log line says so)."""
-    from ray_zerocopy import gpu_share
-
-    try:
-        with torch.inference_mode(False):
-            holder = attach.tensors()
-            mapped = {name: laid(holder[name], name, layouts) for name, _ in shared}
-            same = all(_same_bytes(t, mapped[name]) for (name, t), v in zip(shared, versions) if t._version == v)
-    except Exception as exc:
-        warn_once(f"share_gpu: the holder did not start ({type(exc).__name__}: {exc}); the model keeps its own copy")
-        return
-    alive = model()
-    if alive is None or not same:
-        if alive is not None:
-            warn_once("share_gpu: the holder's copy differs from this model's own copy; the model keeps its own")
-        gpu_share.release(attach.holder, os.getpid())
-        return
-    own = [t.data for _, t in shared]
-    for name, t in shared:
-        t.data = mapped[name]  # (the same bytes; the Parameter object and its version counter stay)
-    for name, p in alive.named_parameters():  # a Parameter subclass stored by an adapter as its bytes under
-        if f"{name}:data" in mapped:          # "data" (bitsandbytes) is a tensor object of its own: move it too
-            p.data = mapped[f"{name}:data"]
-    torch.cuda.synchronize(attach.device)  # work queued on the model's own copy ends before it is freed
-    del own
-    torch.cuda.empty_cache()  # (else the freed copy stays reserved by this process's allocator)
-    attach.moved = True
-    gpu_share.hold(alive, attach.holder)
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and torch.equal(
-        a.detach().reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

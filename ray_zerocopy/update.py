@@ -32,7 +32,7 @@ import torch
 
 from ray_zerocopy._tensors import named_plain_tensors, named_tensors
 from ray_zerocopy.errors import UpdateMismatchError, UpdateNotSupportedError
-from ray_zerocopy.load import LoadOptions, load_model, resolve_device, wait_shared
+from ray_zerocopy.load import LoadOptions, load_model, resolve_device
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.pipeline import get_attr, model_attrs
 from ray_zerocopy.plugins import tensor_adapters
@@ -169,7 +169,7 @@ class _Versions:
             return _load_new(new_ref, options)
         from ray_zerocopy import gpu_share
 
-        wait_shared(live)  # (a first load may still be moving onto the holder's copy: that move ends first)
+        gpu_share.wait_shared(live)  # (a first load may still be moving onto the holder's copy: that move ends first)
         with torch.inference_mode(False):
             new, holder = gpu_share.shared_version(as_model_ref(new_ref), resolve_device(options.device),
                                                    options.dtype, as_parameters=not options.use_fast_load)

@@ -88,7 +88,7 @@ class GpuReplica:
         update_model_in_actor(self.model, ref)
 
     def wait_shared(self):
-        from ray_zerocopy.load import wait_shared
+        from ray_zerocopy.gpu_share import wait_shared
 
         return wait_shared(self.model, 120)
 

@@ -200,7 +200,7 @@ class BenchActor:
         """After a load: with ``share_gpu``, wait until this actor maps the holder's copy (a first load starts
         on its own); free what the caching allocator holds unused, so :meth:`device_used` counts the model."""
         if self.share_gpu and self.model is not None:
-            from ray_zerocopy.load import wait_shared
+            from ray_zerocopy.gpu_share import wait_shared
 
             wait_shared(self.model, 120)
         if self.device.startswith("cuda"):
