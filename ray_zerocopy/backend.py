@@ -6,24 +6,26 @@ modules, tied names or skeletons: those travel in the ModelRef, outside the back
 
 A backend module (built-in or third-party) needs this module, ``ray_zerocopy.errors`` for
 ``PayloadError`` / ``UnsupportedModelError``, and ``hookimpl`` (re-exported here from ``hookspecs``).
+
+Some names are defined in private modules below this one and re-exported here, their public home:
+``dtype_name`` / ``dtype_from_name`` (``_dtypes.py``), ``array_offsets`` (``_views.py``, the CPU view
+engine behind ``tensors_in_buffer`` and ``tensors_in_arrays``), ``put_joined`` and ``ALIGN`` (``_stream.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
-import math
-import operator
 import warnings
 from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from ray_zerocopy._shm import STORE_MARKER, PrivateViews, aligned_copy, private_buffer
+from ray_zerocopy._dtypes import dtype_from_name, dtype_name
+from ray_zerocopy._shm import STORE_MARKER, PrivateViews
 from ray_zerocopy._stream import ALIGN, address_of, put_joined
-from ray_zerocopy.errors import PayloadError
+from ray_zerocopy._views import array_offsets, object_span, one_by_one, views
 from ray_zerocopy.hookspecs import hookimpl
 
 __all__ = [
@@ -71,22 +73,6 @@ class Backend:
         raise NotImplementedError
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (stable across torch versions, unlike numpy dtypes)."""
-    return str(dtype).removeprefix("torch.")
-
-
-@functools.lru_cache(maxsize=None)  # (called per tensor on a load's hot path)
-def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name` (the one place a dtype name is resolved); raises
-    :class:`~ray_zerocopy.errors.PayloadError` (a ``ValueError``) for names this torch does not know."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise PayloadError(None, f"unknown torch dtype {name!r} (torch {torch.__version__})",
-                           "use a dtype name this torch has, e.g. 'float32' or 'bfloat16'")
-    return dtype
-
-
 def spec_of(tensor: torch.Tensor) -> tuple[str, tuple[int, ...]]:
     """The (dtype name, shape) pair a backend needs to rebuild a tensor from raw bytes."""
     return dtype_name(tensor.dtype), tuple(tensor.shape)
@@ -124,7 +110,7 @@ def tensors_in_buffer(
     mapping: an in-place write changes this load's tensors only, never another actor's (see ``_shm.py``).
     The fast CPU path of one-buffer backends (``packed``, ``safetensors``).
     """
-    return _views(address_of(buf), buf.nbytes, buf, entries, marker)
+    return views(address_of(buf), buf.nbytes, buf, entries, marker)
 
 
 def tensors_in_arrays(
@@ -139,15 +125,15 @@ def tensors_in_arrays(
     ``offsets`` (:func:`array_offsets` of the same object, in any process) spares reading every
     array's address: the first and last are checked against them, and all are read if they differ.
     """
-    span = _span(arrays, specs, offsets)
+    span = object_span(arrays, specs, offsets)
     if span is None:  # not the buffers of one object: map each alone
-        return _one_by_one(arrays, specs, marker)
+        return one_by_one(arrays, specs, marker)
     origin, nbytes, offsets = span
     out = PrivateViews()
-    if offsets:  # (one pass over the tensors, in _views: this is a load's hot path)
-        out = _views(origin, nbytes, arrays, [(k, *specs[k], off) for k, off in offsets.items()], marker)
+    if offsets:  # (one pass over the tensors, in _views.views: this is a load's hot path)
+        out = views(origin, nbytes, arrays, [(k, *specs[k], off) for k, off in offsets.items()], marker)
     if len(out) < len(specs):  # (an empty tensor has no bytes, hence no offset)
-        out.update(_one_by_one({k: arrays[k] for k in specs if k not in out}, specs, marker))
+        out.update(one_by_one({k: arrays[k] for k in specs if k not in out}, specs, marker))
     return out
 
 
@@ -158,7 +144,7 @@ def arrays_to_device(
     """The tensors of :func:`tensors_in_arrays` on ``device``: the span the arrays lie in (the buffers of
     one object) goes in one large copy (:func:`buffer_to_device`, the fast path to a GPU; ``wait`` as there),
     and each tensor is a view of it there; one copy per tensor where the arrays are not one compact span."""
-    span = _span(arrays, specs, offsets)
+    span = object_span(arrays, specs, offsets)
     if span is None or device.type == "cpu":
         with quiet_readonly():
             return to_device({k: tensor_from_bytes(arrays[k], *spec) for k, spec in specs.items()}, device)
@@ -179,98 +165,6 @@ def arrays_to_device(
             piece = base[off : off + arrays[k].nbytes]
             out[k] = (piece if off % dtype.itemsize == 0 else piece.clone()).view(dtype).view(shape)
     return out
-
-
-def _span(
-    arrays: Mapping[str, Any], specs: Mapping[str, tuple], offsets: dict[str, int] | None,
-) -> tuple[int, int, dict[str, int]] | None:
-    """``(address, nbytes, offsets)`` of the span the non-empty arrays lie in, trusting ``offsets`` where its
-    first and last entries match the arrays; None where the arrays are not one compact span."""
-    def origin(k: str) -> int:  # where the offsets count from, according to array k
-        return address_of(arrays[k]) - offsets[k]  # type: ignore[index]  # (called only while offsets is a dict)
-
-    if offsets and origin(next(iter(offsets))) != origin(next(reversed(offsets))):
-        offsets = None  # another layout than this object's
-    trusted = bool(offsets)
-    offsets = offsets or array_offsets({k: arrays[k] for k in specs if arrays[k].nbytes})
-    if not offsets:
-        return 0, 0, {}
-    top = max(offsets, key=offsets.__getitem__)  # arrays do not overlap: the last to start ends last
-    nbytes = offsets[top] + arrays[top].nbytes
-    if not trusted and nbytes > sum(arrays[k].nbytes + ALIGN for k in offsets):
-        return None
-    return origin(top), nbytes, offsets
-
-
-def _one_by_one(arrays: Mapping[str, Any], specs: Mapping[str, tuple], marker: str) -> PrivateViews:
-    out = PrivateViews()
-    for k, a in arrays.items():
-        out.update(_views(address_of(a), a.nbytes, a, [(k, *specs[k], 0)], marker))
-    return out
-
-
-def array_offsets(arrays: Mapping[str, Any]) -> dict[str, int]:
-    """Byte offset of each array (or buffer) from the ``ALIGN`` (64-byte) boundary at or below the lowest one. For
-    the arrays of one Ray object they are the same in every process that gets it (the object's bytes are)."""
-    addrs = {k: address_of(a) for k, a in arrays.items()}
-    lo = min(addrs.values(), default=0) // ALIGN * ALIGN
-    return {k: a - lo for k, a in addrs.items()}
-
-
-def _views(
-    addr: int, nbytes: int, keep: Any, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]],
-    marker: str,
-) -> PrivateViews:
-    """``(name, dtype, shape, byte offset from addr)`` -> contiguous tensors over the ``nbytes`` from
-    ``addr``, seen through a copy-on-write mapping of their shared memory (``keep`` keeps them alive;
-    see ``_shm.py``), or over a private copy where they are not in shared memory (an object small
-    enough for Ray to keep in a process's heap, which a write must not change either).
-
-    Each run of neighbouring tensors of one dtype shares one storage over exactly their bytes (from
-    the run's first tensor to its last's end), and no two storages overlap: ``torch.save`` of a state
-    dict then writes every byte once, whatever the dtypes, and a load makes one storage per run
-    instead of one per tensor (about half the time).
-    """
-    found = private_buffer(addr, nbytes, keep, marker) if nbytes else None
-    buf, skip = found if found is not None else aligned_copy(addr, nbytes)
-    out = PrivateViews()
-    entries = list(entries)
-    for dtype, run in _runs(entries):
-        first, end = run[0][2], run[-1][2] + math.prod(run[-1][1]) * dtype.itemsize
-        base = torch.frombuffer(buf, dtype=dtype, count=(end - first) // dtype.itemsize, offset=skip + first)
-        for name, shape, offset in run:
-            out[name] = base.as_strided(shape, _strides(shape), (offset - first) // dtype.itemsize)
-    for name, kind, shape, _ in entries:  # (empty: no bytes to share, and may not be aligned for its dtype)
-        if name not in out:
-            out[name] = torch.empty(shape, dtype=dtype_from_name(kind) if isinstance(kind, str) else kind)
-    return out
-
-
-def _runs(entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...], int]]) -> list[tuple[torch.dtype, list]]:
-    """The non-empty entries as runs ``(dtype, [(name, shape, offset), ...])``: neighbours in rising offsets,
-    of one dtype, each at a whole number of elements from the run's first."""
-    runs: list[tuple[torch.dtype, list]] = []
-    end = -1  # where the last run's last tensor ends
-    for name, dtype, shape, offset in sorted(entries, key=operator.itemgetter(3)):
-        dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-        count = math.prod(shape)
-        if not count:
-            continue
-        if not runs or runs[-1][0] is not dtype or offset < end or (offset - runs[-1][1][0][2]) % dtype.itemsize:
-            runs.append((dtype, []))
-        runs[-1][1].append((name, tuple(shape), offset))
-        end = offset + count * dtype.itemsize
-    return runs
-
-
-@functools.lru_cache(maxsize=4096)
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A contiguous tensor's strides (in elements) for ``shape``."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 # torch dtypes numpy has too (bfloat16 and fp8 have no numpy twin: they take the torch view path)
