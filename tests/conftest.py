@@ -13,12 +13,15 @@ Tiers (see docs/development.md):
   runs them, ``pytest -m ""`` runs everything.
 
 The fake test transport (tests/fake_backend_plugin) is pip-installed into a temporary
-folder at session start: a real distribution with a real ``ray_zerocopy`` entry point,
-visible to the driver (sys.path) and to every Ray worker (PYTHONPATH, inherited).
+folder, once, while the tests are collected, and only where a test that may run needs it (it takes
+``backend`` or ``fake_backend``): a real distribution with a real ``ray_zerocopy`` entry point,
+visible to the driver (sys.path) and to every Ray worker (PYTHONPATH, inherited: hence at collection,
+before any test starts Ray). ``pytest -m unit`` installs nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -35,28 +38,63 @@ DEFAULT_BACKEND = "object_store"
 RAY_INIT = dict(address="local", num_cpus=8, object_store_memory=1536 * 1024**2, include_dashboard=False, log_to_driver=False)
 
 
-def _install_fake_backend() -> str:
-    target = tempfile.mkdtemp(prefix="rzc-fake-backend-")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--target", target, str(HERE / "fake_backend_plugin")],
-        check=True,
-    )
+NEEDS_FAKE = {"backend", "fake_backend"}  # fixtures of the tests that need the fake plugin installed
+
+
+def _install_fake_backend(config: pytest.Config) -> str:
+    """Install the fake plugin into a temporary folder (once per session) and put it on both paths."""
+    target = getattr(config, "_rzc_fake_backend", None)
+    if target is None:
+        target = tempfile.mkdtemp(prefix="rzc-fake-backend-")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+             "--disable-pip-version-check", "--target", target, str(HERE / "fake_backend_plugin")],
+            check=True,
+        )
+        sys.path.insert(0, target)
+        importlib.invalidate_caches()  # (the folder is new: importlib.metadata must look at it afresh)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH")) if p)
+        config._rzc_fake_backend = target
     return target
+
+
+def _may_be_selected(metafunc: pytest.Metafunc) -> bool:
+    """Whether ``-m`` may keep a test of this function: its own marks, or those with every mark one of its
+    parameters may add (``slow`` where ``other_backends_slow``, ``pytest.param(..., marks=...)``), match the
+    expression. True where pytest's matcher cannot be imported (the plugin is then installed as before)."""
+    expr = metafunc.config.option.markexpr
+    if not expr:
+        return True
+    try:
+        from _pytest.mark import MarkMatcher  # (how pytest's own -m deselection matches; not public API)
+        from _pytest.mark.expression import Expression
+    except ImportError:
+        return True
+    own = list(metafunc.definition.iter_markers())
+    added = [pytest.mark.slow.mark] if any(m.name == "other_backends_slow" for m in own) else []
+    for mark in own:
+        values = mark.kwargs.get("argvalues", mark.args[1] if len(mark.args) > 1 else ())
+        if mark.name == "parametrize" and isinstance(values, (list, tuple)):  # (a generator must not be consumed)
+            added += [m for value in values for m in getattr(value, "marks", ())]
+    compiled = Expression.compile(expr)
+    return any(compiled.evaluate(MarkMatcher.from_markers(marks)) for marks in (own, own + added))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"):
         raise pytest.UsageError("the test suite needs entry-point autoload: unset RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD")
-    if not hasattr(config, "workerinput"):
-        target = _install_fake_backend()
-        sys.path.insert(0, target)
-        # workers import the fake backend, and test modules whose classes Ray pickles by reference
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, str(HERE), os.environ.get("PYTHONPATH")) if p)
-        config._rzc_fake_backend = target
+    # workers import test modules whose classes Ray pickles by reference (and, once installed, the fake backend)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not NEEDS_FAKE & set(metafunc.fixturenames):
+        return
+    if not _may_be_selected(metafunc):  # (deselected by -m: neither the plugin nor the registry is needed)
+        if "backend" in metafunc.fixturenames:
+            metafunc.parametrize("backend", [DEFAULT_BACKEND])
+        return
+    _install_fake_backend(metafunc.config)
     if "backend" in metafunc.fixturenames:
         from ray_zerocopy.plugins import backend_names
 
@@ -65,6 +103,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if metafunc.definition.get_closest_marker("other_backends_slow"):
             names = [n if n == DEFAULT_BACKEND else pytest.param(n, marks=pytest.mark.slow) for n in names]
         metafunc.parametrize("backend", names)
+
+
+@pytest.fixture(scope="session")
+def fake_backend(request: pytest.FixtureRequest) -> str:
+    """The folder the fake test plugin is installed in (on sys.path and PYTHONPATH): installed while the
+    tests were collected, because this fixture was requested (see :func:`pytest_generate_tests`)."""
+    return _install_fake_backend(request.config)
 
 
 @pytest.fixture(autouse=True)

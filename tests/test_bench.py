@@ -29,7 +29,7 @@ def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dic
 
 
 @pytest.mark.slow
-def test_every_approach_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
+def test_every_approach_runs_end_to_end_on_a_tiny_model(tmp_path: Path, fake_backend: str) -> None:
     png = tmp_path / "bench.png"
     proc, data = _bench(tmp_path, "--model", "tiny-gpt2", "--actors", "2", "--repeats", "2", "--fast-repeats", "0",
                         "--png", str(png))

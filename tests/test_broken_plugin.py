@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def broken_env(tmp_path_factory) -> dict[str, str]:
+def broken_env(tmp_path_factory, fake_backend) -> dict[str, str]:
     target = tmp_path_factory.mktemp("rzc-broken-backend")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",

@@ -21,7 +21,7 @@ def list_backends(*args: str, disable_autoload: bool = False) -> subprocess.Comp
     env = {k: v for k, v in os.environ.items() if k != "RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"}
     if disable_autoload:
         env["RAY_ZEROCOPY_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    # PYTHONPATH (set by conftest) carries the fake plugin's distribution to the subprocess
+    # PYTHONPATH (set by conftest) carries the fake plugin's distribution, where installed, to the subprocess
     return subprocess.run([sys.executable, "-m", "ray_zerocopy", "backends", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -33,8 +33,7 @@ def rows(stdout: str) -> dict[str, tuple[str, str]]:
     return {cells[0]: (cells[1], " ".join(cells[2:])) for cells in (line.split() for line in table[1:])}
 
 
-@pytest.mark.unit
-def test_lists_every_backend_with_plugin_and_distribution():
+def test_lists_every_backend_with_plugin_and_distribution(fake_backend):  # (not unit: the fake plugin is installed)
     out = list_backends()
     assert out.returncode == 0, out.stderr
     found = rows(out.stdout)
