@@ -35,7 +35,7 @@ PREPARE_AND_LOAD = """
 import warnings, ray, torch
 warnings.simplefilter("always")
 from ray_zerocopy import load_model_in_actor, plugins, prepare_model_for_actors
-ray.init(num_cpus=1, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=1, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False)
 try:
     model = torch.nn.Linear(4, 2)
     for backend in ("object_store", "FAKE"):

@@ -4,6 +4,7 @@ the conformance kit checks per backend that a backend claiming zero copy returns
 from __future__ import annotations
 
 import psutil
+import pytest
 import ray
 import torch
 
