@@ -12,12 +12,13 @@ This module is the public face of the actor API; the work is done in ``prepare.p
 
 from __future__ import annotations
 
+from ray_zerocopy.gate import hold_weights
 from ray_zerocopy.load import load_model_in_actor, resolve_device
 from ray_zerocopy.model_ref import ModelRef
 from ray_zerocopy.pipeline import load_pipeline_in_actor, rewrite_pipeline_for_actors
 from ray_zerocopy.plugins import DEFAULT_BACKEND
 from ray_zerocopy.prepare import prepare_model_for_actors
-from ray_zerocopy.update import hold_weights, update_model_in_actor, update_pipeline_in_actor
+from ray_zerocopy.update import update_model_in_actor, update_pipeline_in_actor
 
 __all__ = [
     "DEFAULT_BACKEND",

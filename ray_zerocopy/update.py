@@ -20,11 +20,9 @@ Calls that run while an update swaps can see a mix of versions only where the ac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
-import weakref
 from typing import Any, Collection, Iterable, Iterator, Mapping, cast
 
 import ray
@@ -32,6 +30,7 @@ import torch
 
 from ray_zerocopy._tensors import named_plain_tensors, named_tensors
 from ray_zerocopy.errors import UpdateMismatchError, UpdateNotSupportedError
+from ray_zerocopy.gate import gate_of, unwrapped
 from ray_zerocopy.load import LoadOptions, load_model, resolve_device
 from ray_zerocopy.model_ref import ModelRef, as_model_ref
 from ray_zerocopy.pipeline import get_attr, model_attrs
@@ -75,7 +74,7 @@ def update_model_in_actor(model: torch.nn.Module, new_ref: ModelRef | Any) -> to
         >>> model = load_model_in_actor(ref_v1)  # doctest: +SKIP
         >>> update_model_in_actor(model, ref_v2)  # doctest: +SKIP
     """
-    live = _unwrapped(model)
+    live = unwrapped(model)
     options = _options_of(live)
     versions = _Versions()
     try:
@@ -107,7 +106,7 @@ def update_pipeline_in_actor(pipeline: Any, new_refs: Mapping[str, ModelRef] | A
     """
     refs = ray.get(new_refs) if isinstance(new_refs, ray.ObjectRef) else new_refs
     model_attrs(pipeline, list(refs))  # (raises for a name that is not a model attribute)
-    lives = {name: _unwrapped(get_attr(pipeline, name)) for name in refs}
+    lives = {name: unwrapped(get_attr(pipeline, name)) for name in refs}
     options = {name: _options_of(live) for name, live in lives.items()}  # (refusals before anything is loaded)
     loaded: dict[str, torch.nn.Module] = {}  # by uid: models prepared together are loaded together
     couples = []
@@ -123,10 +122,6 @@ def update_pipeline_in_actor(pipeline: Any, new_refs: Mapping[str, ModelRef] | A
     finally:
         versions.abort()
     return pipeline
-
-
-def _unwrapped(model: Any) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # a torch.compile wrapper holds the module it compiled
 
 
 def _options_of(model: torch.nn.Module) -> LoadOptions:
@@ -182,7 +177,7 @@ class _Versions:
         pairs, owners = _paired(couples)
         shared = {id(m) for m in self.shared}  # nothing is written into memory that other actors map: each
         repoint = {id(p[1]) for p, i in zip(pairs, owners) if id(couples[i][0]) in shared}  # tensor re-pointed
-        with _gate(gated).writing():
+        with gate_of(gated).writing():
             old = swap(pairs, repoint)
             moves, self.moves = self.moves, []  # (from here on the models map the new copies)
             if retired := [t for t in old if t.device.type == "cpu"]:
@@ -337,78 +332,7 @@ def _retire(old: list[torch.Tensor]) -> None:
     on them before the swap (a call not inside :func:`hold_weights`) still reads their memory, which their last
     reference unmaps."""
     timer = threading.Timer(RETIRE_S, old.clear)
-    timer.daemon = True
+    # (not a daemon: a daemon thread that frees tensors while the interpreter finalizes aborts the process,
+    # std::terminate from its forced unwinding; so an exiting process waits for it, at most RETIRE_S)
+    timer.daemon = False
     timer.start()
-
-
-class _Gate:
-    """Many calls hold the weights at once; an update waits for them, and new calls wait for the update."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.readers = 0
-        self.updating = False
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        with self.cond:
-            self.cond.wait_for(lambda: not self.updating)
-            self.readers += 1
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.readers -= 1
-                self.cond.notify_all()
-
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        with self.cond:
-            self.cond.wait_for(lambda: not self.updating)
-            self.updating = True  # (new calls wait from now: an update is not starved by a stream of calls)
-            self.cond.wait_for(lambda: self.readers == 0)
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.updating = False
-                self.cond.notify_all()
-
-
-_gates: weakref.WeakKeyDictionary[Any, _Gate] = weakref.WeakKeyDictionary()
-_pinned_gates: dict[int, tuple[Any, _Gate]] = {}  # objects that take no weak reference (or no hash): kept
-_gates_lock = threading.Lock()
-
-
-def _gate(obj: Any) -> _Gate:
-    obj = _unwrapped(obj)
-    with _gates_lock:
-        try:
-            return _gates.setdefault(obj, _Gate())
-        except TypeError:
-            return _pinned_gates.setdefault(id(obj), (obj, _Gate()))[1]
-
-
-def hold_weights(model: Any) -> contextlib.AbstractContextManager[None]:
-    """Keep the weights of ``model`` (or a pipeline) from changing while the block runs.
-
-    An update of the same object (``update_model_in_actor(model, ...)``, ``update_pipeline_in_actor(pipe, ...)``)
-    waits until every block that holds it has ended, and blocks that start meanwhile wait until the update
-    is done: a call inside the block sees one version only. Needed only where calls run in threads next to an
-    update (Ray Serve's sync methods, actors with ``max_concurrency`` > 1); a plain Ray actor runs one method
-    at a time. With ``share_gpu=True`` a threaded call outside the block may also read the old device copy
-    after the update has let it go (a CUDA error), so there every threaded call must hold it. Blocks do not
-    wait for each other. Do not update the model from inside its own block (it would wait for itself).
-
-    Args:
-        model: the object that updates are applied to (the loaded model, its ``torch.compile`` wrapper, or
-            the pipeline).
-
-    Returns:
-        A context manager.
-
-    Example:
-        >>> with hold_weights(self.model):  # doctest: +SKIP
-        ...     out = self.model.generate(ids)
-    """
-    return _gate(model).reading()

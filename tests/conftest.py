@@ -90,23 +90,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    session.config._rzc_exitstatus = int(exitstatus)  # type: ignore[attr-defined]
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Exit with the suite's status once pytest is done, skipping the interpreter's finalization: once, after
-    every test had passed and Ray was shut down, a thread (not identified) freed a tensor while
-    the interpreter finalized and the process aborted (std::terminate from the thread's forced unwinding),
-    which would turn a passed run into a failed one. The result is decided by then."""
-    status = getattr(config, "_rzc_exitstatus", None)
-    if status is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not NEEDS_FAKE & set(metafunc.fixturenames):
         return
