@@ -43,11 +43,11 @@ from ray_zerocopy.bench.approaches import (
     OURS_PREFIX,
     Prepared,
     all_tensors,
-    build_model,
     dedupe_tensors,
     get_approach,
     load_torch_file,
 )
+from ray_zerocopy.bench.models import build_model
 from ray_zerocopy.bench.options import Options, parse_options
 from ray_zerocopy.bench.probe import FAST_S, BenchActor, DriverPeak, more_loads, object_bytes
 from ray_zerocopy.bench.report import draw_png, format_table, summarize, table_head, table_row, write_json

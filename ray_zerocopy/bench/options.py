@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ray_zerocopy.bench.approaches import CKPT_PREFIX, OTHERS, OURS_PREFIX, PRESETS, QUANTIZE, ModelSpec, make_spec
+from ray_zerocopy.bench.approaches import CKPT_PREFIX, OTHERS, OURS_PREFIX
+from ray_zerocopy.bench.models import PRESETS, QUANTIZE, ModelSpec, make_spec
 from ray_zerocopy.bench.probe import FAST_S
 
 DESCRIPTION = """\

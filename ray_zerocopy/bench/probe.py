@@ -22,15 +22,8 @@ import torch
 
 from ray_zerocopy import _procmaps
 from ray_zerocopy._shm import STORE_MARKER
-from ray_zerocopy.bench.approaches import (
-    ModelSpec,
-    build_model,
-    get_approach,
-    load_torch_file,
-    quantizer_module,
-    run_model,
-    sample_input,
-)
+from ray_zerocopy.bench.approaches import get_approach, load_torch_file
+from ray_zerocopy.bench.models import ModelSpec, build_model, quantizer_module, run_model, sample_input
 
 
 def _trim_heap() -> None:

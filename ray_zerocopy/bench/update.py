@@ -25,7 +25,7 @@ import ray
 import torch
 
 from ray_zerocopy.actor import load_model_in_actor, prepare_model_for_actors
-from ray_zerocopy.bench.approaches import ModelSpec, build_model
+from ray_zerocopy.bench.models import ModelSpec, build_model
 from ray_zerocopy.bench.probe import process_memory
 from ray_zerocopy.update import update_model_in_actor
 
