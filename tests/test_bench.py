@@ -71,6 +71,17 @@ def test_an_approach_that_cannot_handle_the_model_is_reported_not_dropped(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_quantized_model_is_compared_against_its_own_outputs(tmp_path: Path) -> None:
+    """``--quantize``: the reference is the driver's quantized model itself (pickled as ray.put pickles it;
+    torch.save failed on torchao's tensors), and every approach answers as it does."""
+    proc, data = _bench(tmp_path, "--model", "tiny-bert", "--quantize", "torchao-int8", "--actors", "1",
+                        "--repeats", "1", "--fast-repeats", "0", "--approaches", "rzc:object_store,ray_put")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in data["results"]:
+        assert r["ok"] and r["max_abs_diff"] == 0.0, f"{r['name']}: {r['error']}"
+
+
+@pytest.mark.slow
 def test_together_loads_at_once_in_rounds(tmp_path: Path) -> None:
     """``--together`` end to end on the CPU (the GPU test below needs a GPU): first loads at once, reloads
     counted and timed together, the aggregate columns printed."""

@@ -33,6 +33,7 @@ import numpy as np
 import psutil
 import ray
 import torch
+from ray import cloudpickle
 
 from ray_zerocopy._shm import STORE_MARKER
 from ray_zerocopy.bench.approaches import (
@@ -302,9 +303,14 @@ def run(opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     results: dict[str, dict[str, Any]] = {}
     try:
         ctx = Context(workdir, os.path.join(workdir, "reference.pt"), meta["model_bytes"])
-        # the reference outputs come from these weights (a quantized model: the model itself, pickled, since
-        # quantizing again need not give the same bytes)
-        torch.save(all_tensors(model) if opts.spec.quantize == "none" else model, ctx.reference)
+        # the reference outputs come from these weights (a quantized model: the model itself, pickled as
+        # ray.put pickles it, since quantizing again need not give the same bytes; torch.save's pickler fails
+        # on torchao 0.18's tensors: "'functools.partial' object has no attribute '__name__'")
+        if opts.spec.quantize == "none":
+            torch.save(all_tensors(model), ctx.reference)
+        else:
+            with open(ctx.reference, "wb") as f:
+                cloudpickle.dump(model, f)
         OURS_OPTIONS["gpu_copiers"] = opts.args.gpu_copiers
         if opts.args.checkpoint:
             CHECKPOINT["path"] = os.path.join(workdir, "checkpoint")

@@ -11,6 +11,7 @@ import ctypes
 import gc
 import importlib
 import os
+import pickle
 import statistics
 import threading
 import time
@@ -220,7 +221,8 @@ class BenchActor:
         if self.spec.quantize == "none":
             reference = load_torch_file(self.spec, reference_path, mmap=True).to(self.device)
         else:  # the driver's quantized model itself
-            reference = torch.load(reference_path, weights_only=False).to(self.device)
+            with open(reference_path, "rb") as f:
+                reference = pickle.load(f).to(self.device)
         expected = run_model(reference, self.ids)
         del reference
         assert self.out is not None, "run_and_measure first"
