@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
+from test_shared_parts import Encoder
 
 from ray_zerocopy import (
     HiddenModelError,
@@ -104,15 +105,6 @@ def test_model_inside_another_object_is_refused_with_its_path(ray_local):
     assert set(refs) == {"direct"} and isinstance(skeleton.stack[0], torch.nn.Module)
     skeleton, refs = rewrite_pipeline_for_actors(Containers(), model_attr_names=["by_name['first']"])
     assert set(refs) == {"by_name['first']"} and skeleton.by_name["first"] is None
-
-
-class Encoder(torch.nn.Module):
-    def __init__(self, embed: torch.nn.Embedding) -> None:
-        super().__init__()
-        self.embed, self.mix = embed, torch.nn.Linear(64, 64)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.mix(self.embed(ids))
 
 
 class SharedThroughDict:
